@@ -1,0 +1,559 @@
+"""Infrastructure shared by every method file - how to run, never what a method is: config and CLI,
+data, device / precision / DDP, logging, checkpoints, EMA, a guarded optimizer update, grids, bits/dim."""
+import argparse, copy, dataclasses, gzip, inspect, json, math, os, pickle, random, re, signal, struct, sys, time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+
+IMAGE_SETS = ("fashion-mnist", "mnist", "cifar10")
+TOY_SETS = ("moons", "circles", "8gaussians", "checkerboard", "pinwheel", "swissroll", "2spirals")
+VIDEO_SETS = ("moving-fashion", "moving-mnist")
+DATASETS = IMAGE_SETS + TOY_SETS + VIDEO_SETS + ("folder:PATH",)
+DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # files of Debian's package dataset-fashion-mnist
+
+def fail(msg):  # stop with one clear line
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------- config / CLI
+def choice(*options):  # a str field restricted to `options`; the first is the default
+    return field(default=options[0], metadata={"choices": options})
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | cifar10 | folder:PATH | a 2D toy (moons, ...) | moving-mnist | moving-fashion
+    data_dir: str = "./data"  # where datasets are looked for (and downloaded to)
+    out: str = ""  # run folder (default runs/<method>/<dataset>)
+    steps: int = 10000  # optimizer steps
+    batch_size: int = 128  # global batch, split across DDP ranks
+    lr: float = 1e-3  # learning rate
+    seed: int = 0  # random seed (rank r uses seed + r)
+    device: str = choice("auto", "cpu", "cuda", "mps")  # auto = cuda > mps > cpu
+    precision: str = choice("auto", "fp32", "bf16", "fp16")  # autocast dtype; auto = bf16 on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the training module
+    log_every: int = 100  # steps between log lines
+    eval_every: int = 0  # steps between test evaluations (0 = at the end only)
+    sample_every: int = 0  # steps between sample grids (0 = at the end only)
+    ckpt_every: int = 1000  # steps between checkpoints (also written at the end and on Ctrl-C/SIGTERM)
+    eval_n: int = 0  # test examples used by evaluate (0 = the whole test set)
+    resume: bool = False  # continue from --ckpt (default <out>/ckpt.pt)
+    eval: bool = False  # only evaluate --ckpt, print and write the metrics
+    sample: int = 0  # only draw this many samples from --ckpt into a PNG grid
+    ckpt: str = ""  # checkpoint path (default <out>/ckpt.pt)
+    binarize: bool = False  # dynamic binarization x ~ Bernoulli(pixel intensity), for Bernoulli likelihoods
+    image_size: int = 64  # folder:PATH: side images are resized and center-cropped to
+    frames: int = 20  # moving-*: frames per video
+    frame_size: int = 64  # moving-*: side of a frame
+
+def _field_help(cls):
+    """The trailing `# comment` of every dataclass field, read from the source of cls and its bases."""
+    helps = {}
+    for c in reversed(cls.__mro__[:-1]):
+        try:
+            helps.update(re.findall(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+)$", inspect.getsource(c), re.M))
+        except (OSError, TypeError):
+            pass
+    return helps
+
+def _apply(cfg, values, origin):
+    for k, v in values.items():
+        if not hasattr(cfg, k):
+            raise KeyError(f"{origin}: unknown field {k!r}")
+        setattr(cfg, k, v)
+
+def parse_config(cls, presets, method, argv=None, accept=()):
+    """Defaults, then PRESETS[dataset], then explicit flags; with --eval/--sample the checkpoint's config, then flags."""
+    helps, types = _field_help(cls), {"int": int, "float": float, "str": str, "bool": bool}
+    p = argparse.ArgumentParser(prog=f"{method}.py", description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        typ, help = types.get(f.type, f.type), f"{helps.get(f.name, '')} [{f.default}]".replace("%", "%%")
+        kw = dict(action=argparse.BooleanOptionalAction) if typ is bool else dict(type=typ, metavar="|".join(f.metadata.get("choices", ())) or typ.__name__.upper())
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=help, **kw)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    cfg, name = cls(), given.get("dataset", cls.dataset)
+    if name not in DATASETS and not name.startswith("folder:"):
+        fail(f"--dataset {name!r} unknown; accepted: {', '.join(DATASETS)}")
+    key = "folder" if name.startswith("folder:") else "toy" if name in TOY_SETS and name not in presets else name
+    _apply(cfg, presets.get(key, {}), f"PRESETS[{key!r}]")
+    _apply(cfg, given, "flags")
+    cfg.out = cfg.out or os.path.join("runs", method, "folder-" + Path(name[7:]).name if name.startswith("folder:") else name)
+    cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    if cfg.eval or cfg.sample:  # rebuild the trained run's config from its checkpoint
+        saved = load_checkpoint(cfg.ckpt, (method,) + tuple(accept))["config"]
+        cfg = cls()
+        _apply(cfg, {k: v for k, v in saved.items() if hasattr(cfg, k)}, "checkpoint")
+        _apply(cfg, given, "flags")
+    minimum = dict(steps=1, batch_size=1, log_every=1, eval_every=0, sample_every=0, ckpt_every=0, eval_n=0, sample=0)
+    for f in dataclasses.fields(cfg):
+        v, flag, opts = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata.get("choices")
+        if opts and v not in opts:
+            fail(f"{flag} {v!r} unknown; accepted: {', '.join(opts)}")
+        if f.name in minimum and v < minimum[f.name]:
+            fail(f"{flag} {v} out of range; accepted: integers >= {minimum[f.name]}")
+    if not cfg.lr > 0:
+        fail(f"--lr {cfg.lr} out of range; accepted: > 0")
+    if cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.dataset[7:]):
+        fail(f"--dataset {cfg.dataset}: no such folder")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    name: str
+    kind: str  # "image": uint8 (N, C, H, W) | "toy": float (N, 2) | "video": uint8 (N, T, 1, S, S)
+    shape: tuple  # of one example
+    train: torch.Tensor  # (for video: the digits the videos are made of)
+    test: torch.Tensor
+    train_labels: torch.Tensor = None
+    test_labels: torch.Tensor = None
+
+def _read_idx(path):
+    """An idx file (MNIST format): 0, 0, type 8 (uint8), ndim, big-endian sizes, then the data."""
+    buf = Path(path).read_bytes()
+    buf = gzip.decompress(buf) if str(path).endswith(".gz") else buf
+    if buf[:3] != b"\0\0\x08":
+        fail(f"{path}: not a uint8 idx file")
+    n = buf[3]
+    return torch.frombuffer(bytearray(buf[4 + 4 * n:]), dtype=torch.uint8).reshape(struct.unpack(f">{n}I", buf[4:4 + 4 * n]))
+
+def _mnist_like(name, data_dir):
+    """--data-dir, then <data-dir>/<MNIST|FashionMNIST>/raw, then (Fashion) Debian's files, then download."""
+    sub = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
+    dirs = [data_dir, os.path.join(data_dir, sub, "raw")] + ([DEBIAN_FASHION] if sub == "FashionMNIST" else [])
+    def find():
+        for d in dirs:
+            paths = [next((p for p in (f"{d}/{f}", f"{d}/{f}.gz") if os.path.isfile(p)), None)
+                     for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+            if all(paths):
+                return paths
+    if find() is None:
+        try:
+            getattr(torchvision.datasets, sub)(data_dir, download=True)
+        except Exception as e:
+            fail(f"{name}: no files in {', '.join(dirs)} and the download failed ({type(e).__name__}); "
+                 + ("offline: apt-get install dataset-fashion-mnist" if sub == "FashionMNIST" else "pass --data-dir"))
+    x_tr, y_tr, x_te, y_te = (_read_idx(p) for p in find())
+    return x_tr[:, None], y_tr.long(), x_te[:, None], y_te.long()
+
+def _cifar10(data_dir):
+    root = os.path.join(data_dir, "cifar-10-batches-py")
+    if not os.path.isdir(root):
+        try:
+            torchvision.datasets.CIFAR10(data_dir, download=True)
+        except Exception as e:
+            fail(f"cifar10: no {root} and the download failed ({type(e).__name__}); pass --data-dir")
+    def read(names):  # the python-pickle batches of the official archive
+        parts = [pickle.loads(Path(root, n).read_bytes(), encoding="bytes") for n in names]
+        return (torch.from_numpy(np.concatenate([b[b"data"] for b in parts])).reshape(-1, 3, 32, 32),
+                torch.tensor(sum((list(b[b"labels"]) for b in parts), [])))
+    return read([f"data_batch_{i}" for i in range(1, 6)]) + read(["test_batch"])
+
+def _folder(path, size):
+    """Every image under path, resized (shorter side) and center-cropped to size; every 20th is test."""
+    import torchvision.transforms.functional as TF
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"))
+    if len(files) < 2:
+        fail(f"folder:{path}: found {len(files)} images (png, jpg, bmp, gif, webp); needs at least 2")
+    load = torchvision.datasets.folder.pil_loader  # PIL (a torchvision dependency), converted to RGB
+    x = torch.stack([TF.pil_to_tensor(TF.center_crop(TF.resize(load(str(f)), size), size)) for f in files])
+    test = torch.arange(len(x)) % 20 == 0
+    return x[~test], None, x[test], None
+
+def toy_sample(name, n, generator):
+    """n points (n, 2) of a 2D toy density of the FFJORD experiments (Grathwohl et al. 2019)."""
+    r, rn = (lambda *s: torch.rand(*s, generator=generator)), (lambda *s: torch.randn(*s, generator=generator))
+    if name == "moons":  # two interleaved half circles, noise 0.1, scaled x2 and shifted
+        t, upper = r(n) * math.pi, r(n) < 0.5
+        x = torch.stack([torch.where(upper, t.cos(), 1 - t.cos()), torch.where(upper, t.sin(), 0.5 - t.sin())], 1)
+        return (x + 0.1 * rn(n, 2)) * 2 + torch.tensor([-1.0, -0.2])
+    if name == "circles":  # radii 3 and 1.5, noise 0.08 * 3
+        t, radius = r(n) * 2 * math.pi, torch.where(r(n) < 0.5, 1.0, 0.5)
+        return (radius[:, None] * torch.stack([t.cos(), t.sin()], 1) + 0.08 * rn(n, 2)) * 3
+    if name == "8gaussians":  # std 0.5 around 8 points on a circle of radius 4, all divided by 1.414
+        a = torch.randint(8, (n,), generator=generator) * math.pi / 4
+        return (0.5 * rn(n, 2) + 4 * torch.stack([a.cos(), a.sin()], 1)) / 1.414
+    if name == "checkerboard":  # uniform on the 8 dark squares of a 4 x 4 board of side 8
+        x1 = r(n) * 4 - 2
+        x2 = r(n) - torch.randint(2, (n,), generator=generator) * 2 + torch.floor(x1) % 2
+        return torch.stack([x1, x2], 1) * 2
+    if name == "pinwheel":  # 5 arms: radial std 0.3, tangential std 0.1, twist rate 0.25
+        k = torch.randint(5, (n,), generator=generator)
+        f = rn(n, 2) * torch.tensor([0.3, 0.1]) + torch.tensor([1.0, 0.0])
+        a = k * 2 * math.pi / 5 + 0.25 * f[:, 0].exp()
+        return 2 * torch.stack([f[:, 0] * a.cos() + f[:, 1] * a.sin(), -f[:, 0] * a.sin() + f[:, 1] * a.cos()], 1)
+    if name == "swissroll":  # t in [1.5 pi, 4.5 pi], noise 1, divided by 5
+        t = 1.5 * math.pi * (1 + 2 * r(n))
+        return (torch.stack([t * t.cos(), t * t.sin()], 1) + rn(n, 2)) / 5
+    if name == "2spirals":
+        m = r(n).sqrt() * 540 * 2 * math.pi / 360
+        d = torch.stack([-m.cos() * m + 0.5 * r(n), m.sin() * m + 0.5 * r(n)], 1)
+        return torch.where(r(n, 1) < 0.5, d, -d) / 3 + 0.1 * rn(n, 2)
+    fail(f"toy density {name!r} unknown; accepted: {', '.join(TOY_SETS)}")
+
+def moving_digits(digits, n, frames, size, generator):
+    """Moving MNIST (Srivastava et al. 2015): 2 digits bounce in a size^2 frame, speed 0.1 of the free range per
+    frame, overlaps keep the brighter pixel. digits uint8 (N, 1, d, d) -> uint8 (n, frames, 1, size, size)."""
+    d = digits.shape[-1]
+    lim = size - d
+    if lim < 0:
+        fail(f"--frame-size {size} is smaller than a digit ({d})")
+    src = digits[torch.randint(len(digits), (n, 2), generator=generator)].reshape(n, 1, 2 * d * d)
+    a = torch.rand(n, 2, 1, generator=generator) * 2 * math.pi
+    v = 0.1 * lim * torch.cat([a.sin(), a.cos()], -1)  # (n, 2 digits, 2 coords)
+    p = torch.rand(n, 2, 1, 2, generator=generator) * lim + v[:, :, None] * torch.arange(frames)[:, None]  # (n, 2, T, 2)
+    p = (lim - ((p % (2 * lim + 1e-9)) - lim).abs()).round().long()  # reflected at the walls: in [0, lim]
+    ar = torch.arange(d)
+    idx = (p[..., 0, None, None] + ar[:, None]) * size + p[..., 1, None, None] + ar  # (n, 2, T, d, d)
+    idx = idx.permute(0, 2, 1, 3, 4).reshape(n * frames, 2 * d * d)  # (n*T, 2*d*d)
+    canvas = torch.zeros(n * frames, size * size, dtype=torch.uint8)
+    canvas.scatter_reduce_(1, idx, src.expand(n, frames, -1).reshape(n * frames, -1), reduce="amax")
+    return canvas.reshape(n, frames, 1, size, size)
+
+def load_data(cfg):
+    """The dataset cfg.dataset names; images stay uint8, so their 8-bit values are exact."""
+    name, seed = cfg.dataset, torch.Generator().manual_seed(12345)  # fixed test sets
+    if name in TOY_SETS:  # training points are drawn fresh for every batch
+        test = toy_sample(name, cfg.eval_n or 10000, seed)
+        return Data(name, "toy", (2,), test[:0], test)
+    base = {"moving-mnist": "mnist", "moving-fashion": "fashion-mnist"}.get(name, name)
+    parts = (_mnist_like(base, cfg.data_dir) if base in ("mnist", "fashion-mnist") else
+             _cifar10(cfg.data_dir) if base == "cifar10" else _folder(name[7:], cfg.image_size))
+    if name in VIDEO_SETS:  # the training digits make fresh videos for every batch
+        test = moving_digits(parts[2], cfg.eval_n or 1000, cfg.frames, cfg.frame_size, seed)
+        return Data(name, "video", tuple(test.shape[1:]), parts[0], test)
+    return Data(name, "image", tuple(parts[0].shape[1:]), parts[0], parts[2], parts[1], parts[3])
+
+class Batches:
+    """Endless training batches on the device. Images: shuffled per epoch by a DistributedSampler (each DDP rank
+    its own shard), floats in [0, 1] equal to k/255, binarized if cfg.binarize. Toy data, videos: fresh draws."""
+    def __init__(self, data, cfg, run, hflip=False, labels=False):
+        self.data, self.cfg, self.run, self.hflip, self.labels = data, cfg, run, hflip, labels
+        self.b, self.epoch, self.pos, self.idx = cfg.batch_size // run.world, 0, 0, None
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + run.rank)
+        if data.kind == "image":
+            if len(data.train) // run.world < self.b:
+                fail(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training images")
+            self.x, self.y = data.train.to(run.device), data.train_labels
+            self.y = self.y.to(run.device) if self.y is not None else None
+            self.sampler = torch.utils.data.DistributedSampler(range(len(data.train)), run.world, run.rank, seed=cfg.seed, drop_last=True)
+    def _epoch(self):
+        self.sampler.set_epoch(self.epoch)
+        self.idx = torch.tensor(list(self.sampler), device=self.run.device)
+    def __next__(self):
+        kind, y = self.data.kind, None
+        if kind == "toy":
+            return toy_sample(self.data.name, self.b, self.gen).to(self.run.device)
+        if kind == "video":
+            x = moving_digits(self.data.train, self.b, self.cfg.frames, self.cfg.frame_size, self.gen).to(self.run.device)
+        else:
+            if self.idx is None:
+                self._epoch()
+            if self.pos + self.b > len(self.idx):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._epoch()
+            i = self.idx[self.pos:self.pos + self.b]
+            self.pos += self.b
+            x, y = self.x[i], (self.y[i] if self.y is not None else None)
+        x = x.float() / 255
+        if self.hflip:  # random horizontal flips
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+        if self.cfg.binarize:
+            x = torch.bernoulli(x)
+        return (x, y) if self.labels else x
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "gen": self.gen.get_state()}
+    def load_state_dict(self, s):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        if self.run.world == 1:  # (under DDP each rank keeps its own seeded generator)
+            self.gen.set_state(s["gen"])
+        if self.data.kind == "image":
+            self._epoch()
+
+def test_batches(data, cfg, device, batch_size):
+    """The first cfg.eval_n test examples (all if 0) as floats on device, binarized with a fixed seed."""
+    x, gen = data.test[:cfg.eval_n or None], torch.Generator().manual_seed(1234)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+        yield (torch.bernoulli(xb, generator=gen) if cfg.binarize else xb).to(device)
+
+
+# ----------------------------------------------------------------------------- run setup
+@dataclass
+class Run:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; None = fp32
+    rank: int
+    world: int
+    out: Path
+    main: bool  # rank 0: the only one that prints and writes
+    fused: bool  # fused Adam/AdamW kernels exist here (CUDA, CPU)
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+    def print(self, *a):
+        return print(*a, flush=True) if self.main else None
+
+def setup(cfg, method, train=True):
+    """Device, DDP (when launched by torchrun), seeds, precision, TF32, the run folder."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    kind = cfg.device if cfg.device != "auto" else "cuda" if cuda else "mps" if mps else "cpu"
+    if kind == "cuda" and not cuda or kind == "mps" and not mps:
+        fail(f"--device {kind} is not available here; accepted: auto, cpu" + (", cuda" if cuda else "") + (", mps" if mps else ""))
+    device = torch.device("cuda", local) if kind == "cuda" else torch.device(kind)
+    if world > 1:
+        if kind == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        if cfg.batch_size % world:
+            fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+        seed_fn(cfg.seed + rank)
+    prec = cfg.precision if cfg.precision != "auto" else "bf16" if kind == "cuda" else "fp32"
+    if prec == "fp16" and kind == "cpu":
+        fail("--precision fp16 needs a GPU; accepted on cpu: auto, fp32, bf16")
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    run = Run(device, dtype, rank, world, Path(cfg.out), rank == 0, kind in ("cuda", "cpu"))
+    if train and run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        print(f"{method} | {cfg.dataset} | {device} {prec} | {world} process(es) | {cfg.out}", flush=True)
+    return run
+
+def wrap(model, run, cfg):
+    """What the training loop calls: DDP across ranks, then torch.compile if asked (save/evaluate `model`)."""
+    net = model
+    if run.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if (device := run.device).type == "cuda" else None)
+    return torch.compile(net) if cfg.compile else net
+
+def every(step, n):
+    return n > 0 and step % n == 0
+
+def ddp_check(model, run):
+    """Under DDP: the largest difference of any rank's parameters from rank 0's (0 = in sync)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    run.print(f"ddp: max parameter difference across {run.world} ranks = {diff.item():.3g}")
+    return diff.item()
+
+class Stop:
+    """Ctrl-C/SIGTERM: stop after this step and save (a 2nd Ctrl-C: at once). DDP ranks agree at log steps."""
+    def __init__(self, run, cfg):
+        self.run, self.cfg, self.flag, self.old = run, cfg, False, {}
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+    def _handle(self, signum, frame):
+        self.flag = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.run.print(f"\nsignal {signum}: stopping after this step and saving a checkpoint")
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+    def __call__(self, step):
+        if self.run.world == 1:
+            return self.flag
+        if not every(step, self.cfg.log_every):
+            return False
+        f = torch.tensor(float(self.flag), device=self.run.device)
+        dist.all_reduce(f, op=dist.ReduceOp.MAX)
+        return bool(f.item())
+
+
+# ----------------------------------------------------------------------------- optimisation
+class Update:
+    """loss.backward(), gradient clipping, optimizer.step(); a step with a non-finite loss or gradient norm is
+    skipped and counted (VD-VAE style): on the device by fused optimizers (no host sync), else after a host check."""
+    def __init__(self, optimizer, params, run, clip=0.0, patience=20):
+        self.opt, self.params, self.clip, self.patience = optimizer, [p for p in params if p.requires_grad], clip, patience
+        self.scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
+        self.skipped = torch.zeros((), device=run.device)  # skipped steps in all
+        self.streak = torch.zeros((), device=run.device)  # skipped steps in a row, up to now
+    def __call__(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        norm = nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
+        bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
+        if self.scaler:  # skips non-finite steps itself
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        elif getattr(self.opt, "_step_supports_amp_scaling", False):  # fused kernels skip when found_inf = 1
+            self.opt.found_inf, self.opt.grad_scale = bad, None
+            self.opt.step()
+            del self.opt.found_inf, self.opt.grad_scale
+        elif not bad.item():
+            self.opt.step()
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        return norm
+    def check(self, streak):
+        if streak >= self.patience:
+            fail(f"{int(streak)} non-finite losses in a row ({int(self.skipped.item())} skipped in all); "
+                 "lower --lr, use --precision fp32, or clip gradients")
+    def state_dict(self):
+        return {"skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else {}}
+    def load_state_dict(self, s):
+        self.skipped.copy_(s["skipped"])
+        if self.scaler and s["scaler"]:
+            self.scaler.load_state_dict(s["scaler"])
+
+class EMA:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta after every step; buffers are copied."""
+    def __init__(self, model, decay):
+        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
+    @torch.no_grad()
+    def update(self, model):
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+    def state_dict(self):
+        return self.model.state_dict()
+    def load_state_dict(self, s):
+        self.model.load_state_dict(s)
+
+
+# ----------------------------------------------------------------------------- logging, metrics, images
+class Logger:
+    """`step 1200/50000 | loss 1.234 | bpd 3.45 | 14.2 it/s | eta 58m` every cfg.log_every steps, and metrics.jsonl.
+    Terms are summed on the device and read once per line: no per-step host-device synchronisation."""
+    def __init__(self, cfg, run, step, update=None):
+        self.cfg, self.run, self.update, self.keys = cfg, run, update, None
+        self.t, self.last = time.time(), step
+    def __call__(self, step, terms):
+        v = torch.stack([torch.as_tensor(t, device=self.run.device).detach().float().reshape(()) for t in terms.values()])
+        if tuple(terms) != self.keys:
+            self.keys, self.sum, self.count = tuple(terms), torch.zeros_like(v), torch.zeros_like(v)
+        ok = torch.isfinite(v)  # a skipped non-finite step does not spoil the average
+        self.sum += torch.where(ok, v, 0.0)
+        self.count += ok
+        if every(step, self.cfg.log_every) or step == self.cfg.steps:
+            self.flush(step)
+    def flush(self, step):
+        extra = torch.stack([self.update.skipped, self.update.streak]) if self.update else self.sum[:0]
+        vals = torch.cat([self.sum / self.count.clamp_min(1), extra]).tolist()  # the one sync per log line
+        now = time.time()
+        its, self.t, self.last = (step - self.last) / max(now - self.t, 1e-9), now, step
+        self.sum, self.count = self.sum * 0, self.count * 0
+        rec = {"step": step, "split": "train", **dict(zip(self.keys, vals)), "it_s": its}
+        line = f"step {step}/{self.cfg.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in zip(self.keys, vals))
+        if self.update:
+            rec["skipped"] = int(vals[-2])
+            line += f" | skipped {int(vals[-2])}" if vals[-2] else ""
+        eta = (self.cfg.steps - step) / max(its, 1e-9)
+        self.run.print(f"{line} | {its:.1f} it/s | eta " + (f"{eta / 3600:.1f}h" if eta > 5400 else f"{eta / 60:.0f}m"))
+        self.write(rec, echo=False)
+        if self.update:
+            self.update.check(vals[-1])
+    def write(self, record, echo=True):  # one record -> metrics.jsonl, printed (rank 0)
+        if self.run.main:
+            if echo:
+                print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+            self.run.out.mkdir(parents=True, exist_ok=True)
+            with open(self.run.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+def eval_record(step, test_nll, unit, kind, n_test, **extras):
+    """What every evaluate() returns: the same keys in every file (DESIGN.md, Metrics)."""
+    assert unit in ("bpd", "nats") and kind in ("exact", "bound", "estimate")
+    return {"step": step, "split": "test", "test_nll": test_nll, "unit": unit, "kind": kind, "n_test": n_test, **extras}
+
+def bits_per_dim(nll_nats, dims):
+    """Negative log-likelihood in nats of one D-dimensional example -> bits per dimension."""
+    return nll_nats / (dims * math.log(2))
+
+def dequantized_bpd(log_density, dims):
+    """Bits/dim of 8-bit k from a density of x = (k + u)/256, u ~ U[0,1)^D: -log P(k) <= -log p(x) + D log 256."""
+    return bits_per_dim(-log_density + dims * math.log(256), dims)
+
+def save_grid(x, path, nrow=None):
+    """Images in [0, 1], (N, C, H, W) -> one PNG grid."""
+    torchvision.utils.save_image(x.detach().float().clamp(0, 1).cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: an interrupted write leaves the old file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def save_checkpoint(cfg, run, method, step, **parts):
+    """cfg.ckpt <- method, step, config, RNG and each part's state_dict() (or value); weights_only-loadable."""
+    if run.main:
+        np_rng = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+               "numpy": torch.from_numpy(np_rng[1].astype(np.int64)), "numpy_pos": int(np_rng[2]), "python": random.getstate()}
+        state = {"method": method, "step": step, "config": asdict(cfg), "rng": rng}
+        state.update({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in parts.items()})
+        Path(cfg.ckpt).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, cfg.ckpt)
+
+def load_checkpoint(path, methods):
+    """torch.load(weights_only=True), refusing pickled objects and other methods' checkpoints."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickled object (a "GLOBAL"), or not a checkpoint at all
+        if g := re.search(r"GLOBAL (\S+)", str(e)):
+            fail(f"{path} holds a pickled object ({g.group(1)}), not only tensors, numbers and strings: refused (weights_only=True)")
+        fail(f"{path} is not a readable checkpoint (UnpicklingError)")
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+    found = ckpt.get("method") if isinstance(ckpt, dict) else None
+    if found not in methods:
+        fail(f"{path} is a checkpoint of {found!r}; accepted: {', '.join(methods)}")
+    return ckpt
+
+def load_model_state(model, state, path):
+    """model.load_state_dict, refusing a checkpoint whose tensors have other names or shapes."""
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or own[k].shape != state[k].shape] + [k for k in state if k not in own]
+    if bad:
+        shape = lambda sd, k: tuple(sd[k].shape) if k in sd else "missing"
+        fail(f"{path} does not fit this model: {len(bad)} tensors differ, e.g. {bad[0]}: checkpoint {shape(state, bad[0])} "
+             f"vs model {shape(own, bad[0])}; use the checkpoint's config or a new --out")
+    model.load_state_dict(state)
+
+def resume(cfg, run, method, model, **parts):
+    """With --resume: restore model, parts (optimizer, batches, ...) and RNG from cfg.ckpt; return its step (else 0)."""
+    if not cfg.resume:
+        return 0
+    if not os.path.isfile(cfg.ckpt):
+        run.print(f"resume: no checkpoint at {cfg.ckpt} yet; starting at step 0")
+        return 0
+    ckpt = load_checkpoint(cfg.ckpt, (method,))
+    load_model_state(model, ckpt["model"], cfg.ckpt)
+    for k, v in parts.items():
+        v.load_state_dict(ckpt[k])
+    if run.world == 1:  # (under DDP every rank keeps its own seeded streams)
+        s = ckpt["rng"]
+        torch.set_rng_state(s["torch"])
+        if s["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+        np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"]))
+        random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    run.print(f"resumed from {cfg.ckpt} at step {ckpt['step']}")
+    return ckpt["step"]

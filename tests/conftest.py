@@ -1,0 +1,55 @@
+"""Shared fixtures: small synthetic data sets written in the real on-disk formats, so tests never
+need the network (and run in seconds)."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx(path, array):
+    """An idx file as MNIST ships it (uint8, big-endian sizes), gzipped if path ends in .gz."""
+    raw = b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def synthetic_images(n, seed, size=28):
+    """Bright rectangles of random size, place and grey level on black: structured 8-bit images."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        h, w = rng.integers(6, 16, 2)
+        r, c = rng.integers(0, size - h), rng.integers(0, size - w)
+        x[i, r:r + h, c:c + w] = rng.integers(120, 256)
+    return x
+
+
+def write_mnist_like(folder, n_train=512, n_test=128, gz=True):
+    os.makedirs(folder, exist_ok=True)
+    ext = ".gz" if gz else ""
+    write_idx(f"{folder}/train-images-idx3-ubyte{ext}", synthetic_images(n_train, 0))
+    write_idx(f"{folder}/train-labels-idx1-ubyte{ext}", np.arange(n_train) % 10)
+    write_idx(f"{folder}/t10k-images-idx3-ubyte{ext}", synthetic_images(n_test, 1))
+    write_idx(f"{folder}/t10k-labels-idx1-ubyte{ext}", np.arange(n_test) % 10)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fake_fashion(tmp_path_factory):
+    """A --data-dir holding synthetic Fashion-MNIST-format files (found before any system copy)."""
+    return write_mnist_like(str(tmp_path_factory.mktemp("fashion")))
+
+
+def run_script(*args, timeout=300, env=None):
+    """Run a command from the repository root; return the finished process (output captured)."""
+    return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+PYTHON = sys.executable
