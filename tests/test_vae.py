@@ -1,0 +1,182 @@
+"""vae.py: the KL, the likelihoods, the bound on a model with an exact log p(x), the collapse remedies,
+learning, a reproduction threshold, and the command line end to end."""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+import common
+import vae
+from conftest import PYTHON, run_script
+
+D_LIN, K_LIN, S_LIN = 6, 3, 0.5  # the linear-Gaussian model: x in R^6, z in R^3, noise std 0.5
+
+
+def test_kl_equals_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(200_000, 4, 5, generator=g, dtype=torch.float64)
+    samples = vae.log_normal(z, mu, logvar) - vae.log_normal(z, torch.zeros_like(z), torch.zeros_like(z))  # log q - log p
+    se = samples.std(0) / math.sqrt(len(samples))
+    assert ((samples.mean(0) - vae.kl_gaussian(mu, logvar).sum(-1)).abs() < 4 * se).all()
+    assert torch.allclose(vae.kl_gaussian(mu, logvar), -0.5 * logvar + 0.5 * logvar.exp() + 0.5 * mu ** 2 - 0.5)  # slide form
+
+
+def test_discretized_logistic_is_a_distribution_over_256_values():
+    x = (torch.arange(256, dtype=torch.float64) / 127.5 - 1)[:, None]  # every 8-bit value, in [-1, 1]
+    mean = torch.tensor([[-1.3, -1.0, -0.2, 0.0, 0.37, 1.0, 2.5, 0.5]], dtype=torch.float64)
+    log_scale = torch.tensor([[-8.0, -7.0, -5.0, -3.0, -1.0, 0.0, 1.0, 3.0]], dtype=torch.float64)
+    logp = vae.discretized_logistic_log_prob(x, mean, log_scale)  # (256, 8)
+    assert torch.allclose(logp.exp().sum(0), torch.ones(8, dtype=torch.float64), atol=1e-10)
+    s = log_scale.clamp(min=-7).exp()  # interior bins: CDF differences computed directly
+    cdf = lambda v: torch.sigmoid((v - mean) / s)
+    assert torch.allclose(logp[1:-1, 3:].exp(), (cdf(x + 1 / 255) - cdf(x - 1 / 255))[1:-1, 3:], atol=1e-12)
+    far = vae.discretized_logistic_log_prob(torch.tensor([0.0]), torch.tensor([0.9]), torch.tensor([-7.0]))
+    assert torch.isfinite(far).all() and far.item() < -100  # tails stay finite in fp32
+
+
+def linear_gaussian(seed=0):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I) with orthogonal columns of W, so the exact posterior is
+    the diagonal Gaussian N(m, S), S = (I + W^T W / s^2)^-1, m = S W^T (x - b) / s^2, and
+    log p(x) = log N(x; b, W W^T + s^2 I) is exact."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D_LIN, K_LIN, generator=g, dtype=torch.float64))
+    W, b = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), torch.randn(D_LIN, generator=g, dtype=torch.float64)
+    x = (torch.randn(8, K_LIN, generator=g, dtype=torch.float64) @ W.T + b + S_LIN * torch.randn(8, D_LIN, generator=g, dtype=torch.float64))
+    log_px_z = lambda x, z: torch.distributions.Normal(z @ W.T + b, S_LIN).log_prob(x).sum(-1)
+    cov = W @ W.T + S_LIN ** 2 * torch.eye(D_LIN, dtype=torch.float64)
+    log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+    S = 1 / (1 + (W ** 2).sum(0) / S_LIN ** 2)
+    m = S * ((x - b) @ W) / S_LIN ** 2
+    return x, log_px_z, log_px, m, S.log().expand_as(m)
+
+
+def test_elbo_and_importance_sampling_on_an_exact_model():
+    torch.manual_seed(0)
+    x, log_px_z, log_px, m, logvar = linear_gaussian()
+    # exact posterior: every importance weight equals p(x), so even k = 1 is exact, and E[ELBO] = log p(x)
+    assert torch.allclose(vae.log_px_importance(x, m, logvar, log_px_z, k=1), log_px, atol=1e-9)
+    elbos = torch.stack([vae.elbo(x, m, logvar, log_px_z)[0] for _ in range(4000)])
+    assert ((elbos.mean(0) - log_px).abs() < 4 * elbos.std(0) / math.sqrt(4000) + 1e-9).all()
+    # a worse encoder: the ELBO is clearly below log p(x) and importance sampling closes the gap as k grows
+    mu_bad, logvar_bad = m + 0.7, logvar + 1.0
+    elbo_bad = torch.stack([vae.elbo(x, mu_bad, logvar_bad, log_px_z)[0] for _ in range(4000)]).mean(0)
+    assert (elbo_bad < log_px - 0.5).all()
+    gaps = [(log_px - torch.stack([vae.log_px_importance(x, mu_bad, logvar_bad, log_px_z, k) for _ in range(200)]).mean(0)).mean().item()
+            for k in (1, 10, 100, 1000)]
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] > -0.01 and gaps[3] < 0.05 * gaps[0], gaps
+    assert gaps[0] > 0.5  # k = 1 is the (fully Monte-Carlo) ELBO
+
+
+def test_importance_sampling_is_stable_for_wide_log_weights():
+    seen = []
+
+    def log_px_z(x, z):  # log-weights near -5000 nats, spread over hundreds of nats
+        seen.append(z.double())
+        return -5000.0 - 300.0 * z.pow(2).sum(-1)
+
+    x, mu, logvar = torch.zeros(3, 1), torch.zeros(3, 2), torch.zeros(3, 2)  # q = p(z): log w = log p(x|z)
+    est = vae.log_px_importance(x, mu, logvar, log_px_z, k=2000, chunk=300)
+    log_w = -5000.0 - 300.0 * torch.cat([z.view(-1, 3, 2) for z in seen]).pow(2).sum(-1)  # (k, B), in fp64
+    assert (log_w.max(0).values - log_w.min(0).values > 500).all()
+    assert torch.isinf(torch.log(torch.exp(log_w.float()).mean(0))).all()  # the naive mean of weights underflows
+    assert torch.isfinite(est).all() and torch.allclose(est.double(), torch.logsumexp(log_w, 0) - math.log(2000), atol=1e-2)
+
+
+def small_cfg(**kw):
+    base = dict(arch="mlp", latent=8, hidden=64, layers=1, act="relu", lr=3e-3, batch_size=64)
+    return vae.Config(**{**base, **kw})
+
+
+def test_free_bits_and_warm_up_change_only_the_kl_weight():
+    torch.manual_seed(0)
+    model = vae.VAE(small_cfg(binarize=True), (1, 8, 8))
+    x = torch.bernoulli(torch.full((16, 1, 8, 8), 0.3))
+    torch.manual_seed(1)
+    loss1, t1 = vae.negative_elbo(model, x, beta=1.0)
+    torch.manual_seed(1)
+    loss0, t0 = vae.negative_elbo(model, x, beta=0.0)
+    assert torch.allclose(loss1, t1["recon"] + t1["kl"]) and torch.allclose(loss0, t0["recon"])  # beta weighs the KL
+    torch.manual_seed(1)
+    loss_fb, t_fb = vae.negative_elbo(model, x, beta=1.0, free_bits=10.0)  # lambda far above any dimension's KL
+    assert torch.allclose(loss_fb, t_fb["recon"] + 8 * 10.0) and torch.allclose(t_fb["kl"], t1["kl"])  # -ELBO reported unchanged
+    grad_fb = torch.autograd.grad(loss_fb, list(model.enc.parameters()))
+    torch.manual_seed(1)
+    _, t_r = vae.negative_elbo(model, x)
+    grad_recon = torch.autograd.grad(t_r["recon"], list(model.enc.parameters()))
+    assert all(torch.allclose(a, b) for a, b in zip(grad_fb, grad_recon))  # a KL under the floor exerts no pull
+
+
+def synthetic_data(shape, n_train, n_test, seed=0, bars=False):
+    """8-bit rectangles, or binary 'bars' (orientation and 8 bars at random: 36 nats for a factorized model)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    if bars:
+        on = (torch.rand(n, 8, generator=g) < 0.25).float()
+        horizontal = torch.rand(n, 1, 1, generator=g) < 0.5
+        x = torch.where(horizontal, on[:, :, None].expand(n, 8, 8), on[:, None, :].expand(n, 8, 8))[:, None]
+        x = (x * 255).to(torch.uint8)
+    else:
+        x = torch.zeros(n, *shape, dtype=torch.uint8)
+        for i in range(n):
+            r, c, h = torch.randint(0, shape[1] // 2, (3,), generator=g)
+            x[i, :, r:r + h + 2, c:c + h + 2] = torch.randint(100, 256, (1,), generator=g).item()
+    return common.Data("synthetic", "image", shape, x[:n_train], x[n_train:])
+
+
+def fit(cfg, data, steps):
+    run = common.Run(torch.device("cpu"), None, 0, 1, Path("/tmp/unused"), True, True)
+    torch.manual_seed(cfg.seed)
+    model = vae.VAE(cfg, data.shape)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    update, batches, losses = common.Update(opt, model.parameters(), run), common.Batches(data, cfg, run), []
+    for _ in range(steps):
+        loss, terms = model(next(batches))
+        opt.zero_grad()
+        update(loss)
+        losses.append(loss.item())
+    return model, run, losses
+
+
+def test_200_steps_lower_the_loss():
+    data = synthetic_data((1, 12, 12), 512, 64)
+    model, _, losses = fit(small_cfg(), data, 200)
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20, (losses[:3], losses[-3:])
+
+
+def test_reproduction_bars_beat_every_factorized_model():
+    """Binary bars: a factorized Bernoulli model needs 64 H(1/4) = 36.0 nats per image (the data's own
+    entropy is about 5.2 nats). A VAE whose latents carry the bars must get far below the factorized
+    bound: importance-sampled test NLL < 15 nats after 1500 steps (seeded, CPU, a few seconds)."""
+    data = synthetic_data((1, 8, 8), 4096, 256, bars=True)
+    cfg = small_cfg(binarize=True, latent=8, hidden=128, layers=2, lr=2e-3, eval_k=200)
+    model, run, _ = fit(cfg, data, 1500)
+    p = data.train.float().mean(0) / 255
+    factorized = -(p * p.log() + (1 - p) * (1 - p).log()).sum().item()  # the best factorized model's entropy
+    rec = vae.evaluate(model, data, cfg, run, 1500)
+    assert 34 < factorized < 38 and rec["unit"] == "nats" and rec["kind"] == "estimate"
+    assert rec["test_nll"] < 15.0 and rec["test_nll"] <= rec["nelbo"] + 0.05, rec
+    assert rec["active_units"] >= 3  # at least as many used latents as the bars need bits of structure
+
+
+def test_command_line_end_to_end(tmp_path, fake_fashion):
+    out = tmp_path / "run"
+    common_args = ["--data-dir", fake_fashion, "--out", str(out), "--hidden", "32", "--latent", "4", "--batch-size", "16",
+                   "--eval-n", "32", "--eval-k", "8", "--log-every", "1", "--device", "cpu"]
+    p = run_script(PYTHON, "vae.py", "--steps", "2", *common_args)
+    assert p.returncode == 0, p.stderr
+    assert "step 2/2 | loss" in p.stdout and "test_nll" in p.stdout
+    for name in ("ckpt.pt", "config.json", "samples_2.png", "interp_2.png", "recon_2.png"):
+        assert (out / name).is_file(), name
+    p = run_script(PYTHON, "vae.py", "--steps", "4", "--resume", *common_args)
+    assert p.returncode == 0 and "at step 2" in p.stdout and "step 3/4" in p.stdout and "step 1/" not in p.stdout, p.stdout + p.stderr
+    p = run_script(PYTHON, "vae.py", "--eval", "--ckpt", str(out / "ckpt.pt"), "--eval-k", "16", "--data-dir", fake_fashion)
+    assert p.returncode == 0, p.stderr
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["step"] == 4 and rec["split"] == "test" and rec["unit"] == "bpd" and rec["k"] == 16 and rec["n_test"] == 32
+    assert 0 < rec["test_nll"] < 8 + 1 and math.isfinite(rec["nelbo"])
+    p = run_script(PYTHON, "vae.py", "--sample", "16", "--ckpt", str(out / "ckpt.pt"))
+    assert p.returncode == 0 and "images/s" in p.stdout and (out / "sample.png").is_file(), p.stderr
+    p = run_script(PYTHON, "vae.py", "--steps", "0")
+    assert p.returncode != 0 and "error: --steps 0 out of range" in p.stderr
