@@ -123,6 +123,12 @@ def _read_idx(path):
     n = buf[3]
     return torch.frombuffer(bytearray(buf[4 + 4 * n:]), dtype=torch.uint8).reshape(struct.unpack(f">{n}I", buf[4:4 + 4 * n]))
 
+def _download(dataset_cls, data_dir, missing, offline):
+    try:
+        dataset_cls(data_dir, download=True)
+    except Exception as e:
+        fail(f"{missing} and the download failed ({type(e).__name__}); offline: {offline}")
+
 def _mnist_like(name, data_dir):
     """--data-dir, then <data-dir>/<MNIST|FashionMNIST>/raw, then (Fashion) Debian's files, then download."""
     sub = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
@@ -134,21 +140,15 @@ def _mnist_like(name, data_dir):
             if all(paths):
                 return paths
     if find() is None:
-        try:
-            getattr(torchvision.datasets, sub)(data_dir, download=True)
-        except Exception as e:
-            fail(f"{name}: no files in {', '.join(dirs)} and the download failed ({type(e).__name__}); "
-                 + ("offline: apt-get install dataset-fashion-mnist" if sub == "FashionMNIST" else "pass --data-dir"))
+        _download(getattr(torchvision.datasets, sub), data_dir, f"{name}: no files in {', '.join(dirs)}",
+                  "apt-get install dataset-fashion-mnist" if sub == "FashionMNIST" else "--data-dir DIR")
     x_tr, y_tr, x_te, y_te = (_read_idx(p) for p in find())
     return x_tr[:, None], y_tr.long(), x_te[:, None], y_te.long()
 
 def _cifar10(data_dir):
     root = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(root):
-        try:
-            torchvision.datasets.CIFAR10(data_dir, download=True)
-        except Exception as e:
-            fail(f"cifar10: no {root} and the download failed ({type(e).__name__}); pass --data-dir")
+        _download(torchvision.datasets.CIFAR10, data_dir, f"cifar10: no {root}", "--data-dir DIR")
     def read(names):  # the python-pickle batches of the official archive
         parts = [pickle.loads(Path(root, n).read_bytes(), encoding="bytes") for n in names]
         return (torch.from_numpy(np.concatenate([b[b"data"] for b in parts])).reshape(-1, 3, 32, 32),
@@ -343,8 +343,7 @@ def every(step, n):
 def ddp_check(model, run):
     """Under DDP: the largest difference of any rank's parameters from rank 0's (0 = in sync)."""
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
+    dist.broadcast(ref := flat.clone(), 0)
     diff = (flat - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     run.print(f"ddp: max parameter difference across {run.world} ranks = {diff.item():.3g}")
@@ -365,10 +364,8 @@ class Stop:
         for s, h in self.old.items():
             signal.signal(s, h)
     def __call__(self, step):
-        if self.run.world == 1:
-            return self.flag
-        if not every(step, self.cfg.log_every):
-            return False
+        if self.run.world == 1 or not every(step, self.cfg.log_every):
+            return self.flag and self.run.world == 1
         f = torch.tensor(float(self.flag), device=self.run.device)
         dist.all_reduce(f, op=dist.ReduceOp.MAX)
         return bool(f.item())
