@@ -70,7 +70,8 @@ def _apply(cfg, values, origin):
 def parse_config(cls, presets, method, argv=None, accept=()):
     """Defaults, then PRESETS[dataset], then explicit flags; with --eval/--sample the checkpoint's config, then flags."""
     helps, types = _field_help(cls), {"int": int, "float": float, "str": str, "bool": bool}
-    p = argparse.ArgumentParser(prog=f"{method}.py", description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0])
+    p = argparse.ArgumentParser(prog=f"{method}.py", description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
+                                epilog="[values] are the defaults before the dataset's preset (PRESETS in the file) is applied.")
     for f in dataclasses.fields(cls):
         typ, help = types.get(f.type, f.type), f"{helps.get(f.name, '')} [{f.default}]".replace("%", "%%")
         kw = dict(action=argparse.BooleanOptionalAction) if typ is bool else dict(type=typ, metavar="|".join(f.metadata.get("choices", ())) or typ.__name__.upper())

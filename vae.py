@@ -172,7 +172,7 @@ def negative_elbo(model, x, beta=1.0, free_bits=0.0):
     kl_k = kl.mean(0)  # batch-mean KL per latent dimension
     loss = recon + beta * (kl_k.clamp(min=free_bits) if free_bits > 0 else kl_k).sum()
     nelbo = recon + kl_k.sum()  # -ELBO in nats per example, whatever beta and lambda
-    terms = {"loss": loss, "recon": recon, "kl": kl_k.sum(), "au": (mu.var(0) > 0.01).sum()}
+    terms = {"loss": loss, "recon": recon, "kl": kl_k.sum(), "au": (mu.var(0) > 0.01).sum()}  # au: active units in the batch
     if not model.bernoulli:
         terms["bpd"] = common.bits_per_dim(nelbo, math.prod(model.shape))
     return loss, terms
@@ -244,10 +244,10 @@ def evaluate(model, data, cfg, run, step):
 
 # ----------------------------------------------------------------------------- train
 def train(cfg):
-    run = common.setup(cfg, METHOD)
     data = common.load_data(cfg)
     if data.kind != "image":
         common.fail(f"vae.py models images; --dataset {cfg.dataset} holds {data.kind} data")
+    run = common.setup(cfg, METHOD)
     model = VAE(cfg, data.shape).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
     update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)

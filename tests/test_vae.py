@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 import common
@@ -180,3 +181,20 @@ def test_command_line_end_to_end(tmp_path, fake_fashion):
     assert p.returncode == 0 and "images/s" in p.stdout and (out / "sample.png").is_file(), p.stderr
     p = run_script(PYTHON, "vae.py", "--steps", "0")
     assert p.returncode != 0 and "error: --steps 0 out of range" in p.stderr
+
+
+def test_conv_arch_on_colour_and_grey_images():
+    torch.manual_seed(0)
+    run = common.Run(torch.device("cpu"), None, 0, 1, Path("/tmp/unused"), True, True)
+    for shape in ((3, 32, 32), (1, 28, 28)):
+        cfg = small_cfg(arch="conv", hidden=8, eval_k=4)
+        model = vae.VAE(cfg, shape)
+        x = torch.randint(0, 256, (4, *shape)).float() / 255
+        loss, terms = model(x)
+        assert torch.isfinite(loss) and terms["bpd"] > 0
+        assert vae.sample(model, 3, "cpu").shape == (3, *shape) and vae.interpolate(model, x[:2], x[2:], 5).shape == (10, *shape)
+        data = common.Data("synthetic", "image", shape, (x * 255).to(torch.uint8), (x * 255).to(torch.uint8))
+        rec = vae.evaluate(model, data, cfg, run, 0)
+        assert rec["unit"] == "bpd" and math.isfinite(rec["test_nll"]) and rec["n_test"] == 4
+    with pytest.raises(SystemExit, match="divisible by 4"):
+        vae.VAE(small_cfg(arch="conv"), (3, 30, 30))
