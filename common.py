@@ -1,6 +1,6 @@
 """Infrastructure shared by every method file - how to run, never what a method is: config and CLI,
 data, device / precision / DDP, logging, checkpoints, EMA, a guarded optimizer update, grids, bits/dim."""
-import argparse, copy, dataclasses, gzip, inspect, json, math, os, pickle, random, re, signal, struct, sys, time
+import argparse, atexit, copy, dataclasses, gzip, inspect, json, math, os, pickle, random, re, signal, struct, sys, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,8 +67,9 @@ def _apply(cfg, values, origin):
             raise KeyError(f"{origin}: unknown field {k!r}")
         setattr(cfg, k, v)
 
-def parse_config(cls, presets, method, argv=None, accept=()):
-    """Defaults, then PRESETS[dataset], then explicit flags; with --eval/--sample the checkpoint's config, then flags."""
+def parse_config(cls, presets, method, argv=None, accept=(), own_sets=()):
+    """Defaults, then PRESETS[dataset], then explicit flags; with --eval/--sample the checkpoint's config, then flags.
+    accept: other methods whose checkpoints load here; own_sets: data sets the method file makes itself."""
     helps, types = _field_help(cls), {"int": int, "float": float, "str": str, "bool": bool}
     p = argparse.ArgumentParser(prog=f"{method}.py", description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
                                 epilog="[values] are the defaults before the dataset's preset (PRESETS in the file) is applied.")
@@ -78,8 +79,8 @@ def parse_config(cls, presets, method, argv=None, accept=()):
         p.add_argument("--" + f.name.replace("_", "-"), default=None, help=help, **kw)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg, name = cls(), given.get("dataset", cls.dataset)
-    if name not in DATASETS and not name.startswith("folder:"):
-        fail(f"--dataset {name!r} unknown; accepted: {', '.join(DATASETS)}")
+    if name not in DATASETS + tuple(own_sets) and not name.startswith("folder:"):
+        fail(f"--dataset {name!r} unknown; accepted: {', '.join(DATASETS + tuple(own_sets))}")
     key = "folder" if name.startswith("folder:") else "toy" if name in TOY_SETS and name not in presets else name
     _apply(cfg, presets.get(key, {}), f"PRESETS[{key!r}]")
     _apply(cfg, given, "flags")
@@ -314,6 +315,7 @@ def setup(cfg, method, train=True):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+            atexit.register(dist.destroy_process_group)  # a clean exit: Gloo aborts if torn down at interpreter exit
         if cfg.batch_size % world:
             fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
