@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +54,22 @@ def run_script(*args, timeout=300, env=None):
 
 
 PYTHON = sys.executable
+
+
+D_LIN, K_LIN, S_LIN = 6, 3, 0.5  # the linear-Gaussian model: x in R^6, z in R^3, noise std 0.5
+
+
+def linear_gaussian(seed=0):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I) with orthogonal columns of W, so the exact posterior is
+    the diagonal Gaussian N(m, S), S = (I + W^T W / s^2)^-1, m = S W^T (x - b) / s^2, and
+    log p(x) = log N(x; b, W W^T + s^2 I) is exact."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D_LIN, K_LIN, generator=g, dtype=torch.float64))
+    W, b = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), torch.randn(D_LIN, generator=g, dtype=torch.float64)
+    x = (torch.randn(8, K_LIN, generator=g, dtype=torch.float64) @ W.T + b + S_LIN * torch.randn(8, D_LIN, generator=g, dtype=torch.float64))
+    log_px_z = lambda x, z: torch.distributions.Normal(z @ W.T + b, S_LIN).log_prob(x).sum(-1)
+    cov = W @ W.T + S_LIN ** 2 * torch.eye(D_LIN, dtype=torch.float64)
+    log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+    S = 1 / (1 + (W ** 2).sum(0) / S_LIN ** 2)
+    m = S * ((x - b) @ W) / S_LIN ** 2
+    return x, log_px_z, log_px, m, S.log().expand_as(m)

@@ -48,6 +48,9 @@ def test_preset_then_flags():
     assert parse("--dataset", "mnist").steps == 3 and parse("--dataset", "mnist").lr == 1e-3  # mnist preset only
     assert parse("--dataset", "moons").width == 2  # a toy density without its own preset takes "toy"
     assert parse("--dataset", "moons", "--width", "5").width == 5
+    own = common.parse_config(Cfg, {"u1": dict(steps=4)}, "m", argv=["--dataset", "u1"], own_sets=("u1", "u2"))
+    assert own.dataset == "u1" and own.steps == 4 and own.out == os.path.join("runs", "m", "u1")  # a file's own data set
+    assert "u2" not in error_of("--dataset", "u1")  # only for the file that makes it
 
 
 def test_help_text_comes_from_field_comments(capsys):

@@ -9,10 +9,7 @@ import torch
 
 import common
 import vae
-from conftest import PYTHON, run_script
-
-D_LIN, K_LIN, S_LIN = 6, 3, 0.5  # the linear-Gaussian model: x in R^6, z in R^3, noise std 0.5
-
+from conftest import PYTHON, linear_gaussian, run_script
 
 def test_kl_equals_monte_carlo():
     g = torch.Generator().manual_seed(0)
@@ -35,22 +32,6 @@ def test_discretized_logistic_is_a_distribution_over_256_values():
     assert torch.allclose(logp[1:-1, 3:].exp(), (cdf(x + 1 / 255) - cdf(x - 1 / 255))[1:-1, 3:], atol=1e-12)
     far = vae.discretized_logistic_log_prob(torch.tensor([0.0]), torch.tensor([0.9]), torch.tensor([-7.0]))
     assert torch.isfinite(far).all() and far.item() < -100  # tails stay finite in fp32
-
-
-def linear_gaussian(seed=0):
-    """p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I) with orthogonal columns of W, so the exact posterior is
-    the diagonal Gaussian N(m, S), S = (I + W^T W / s^2)^-1, m = S W^T (x - b) / s^2, and
-    log p(x) = log N(x; b, W W^T + s^2 I) is exact."""
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(D_LIN, K_LIN, generator=g, dtype=torch.float64))
-    W, b = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), torch.randn(D_LIN, generator=g, dtype=torch.float64)
-    x = (torch.randn(8, K_LIN, generator=g, dtype=torch.float64) @ W.T + b + S_LIN * torch.randn(8, D_LIN, generator=g, dtype=torch.float64))
-    log_px_z = lambda x, z: torch.distributions.Normal(z @ W.T + b, S_LIN).log_prob(x).sum(-1)
-    cov = W @ W.T + S_LIN ** 2 * torch.eye(D_LIN, dtype=torch.float64)
-    log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
-    S = 1 / (1 + (W ** 2).sum(0) / S_LIN ** 2)
-    m = S * ((x - b) @ W) / S_LIN ** 2
-    return x, log_px_z, log_px, m, S.log().expand_as(m)
 
 
 def test_elbo_and_importance_sampling_on_an_exact_model():
