@@ -33,9 +33,15 @@ Run:
     python iwae.py --dataset mnist --data-dir DIR --k 1 --objective vae   # its VAE baseline
     python iwae.py --eval --ckpt runs/iwae/mnist/ckpt.pt --eval-k 5000
 
-Result (binarized MNIST, 1 stochastic layer, same 30000 steps of batch 20 each, constant lr 1e-3, 2 CPU cores;
-test NLL = k 5000 estimate on the first 1000 test images; commands in README):
-    not yet measured
+Results (2 CPU cores shared with other jobs; commands in README). Binarized MNIST, 1 stochastic layer, the same
+30000 steps of batch 20 for each (10 epochs), constant lr 1e-3; test NLL = k = 5000 estimate, first 1000 test
+images, in nats (paper after 3280 epochs in brackets):
+    VAE  k = 1   126.78  (-ELBO 136.36,  5/50 active units)   [86.76]
+    VAE  k = 5   119.00  (-ELBO 126.02, 24/50 active)         [86.47]
+    IWAE k = 5   106.40  (-ELBO 126.51, 24/50 active)         [85.54]
+    IWAE k = 50  105.35  (-ELBO 145.38, 48/50 active)         [84.78]
+`python iwae.py` (fashion-mnist, k = 5, 6000 steps, 7 min 41 s): test NLL 3.492 bits/dim (k = 1000, first 1000
+test images), k-sample -ELBO 3.628 bits/dim, 32/32 active units.
 """
 import math
 import time
