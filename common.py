@@ -42,6 +42,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids (0 = at the end only)
     ckpt_every: int = 1000  # steps between checkpoints (also written at the end and on Ctrl-C/SIGTERM)
     eval_n: int = 0  # test examples used by evaluate (0 = the whole test set)
+    fid_inception: bool = False  # FD in torchvision Inception-v3 features (needs its downloaded weights; not the TF-Inception FID of papers)
     resume: bool = False  # continue from --ckpt (default <out>/ckpt.pt)
     eval: bool = False  # only evaluate --ckpt, print and write the metrics
     sample: int = 0  # only draw this many samples from --ckpt into a PNG grid
@@ -483,6 +484,82 @@ def dequantized_bpd(log_density, dims):
 def save_grid(x, path, nrow=None):
     """Images in [0, 1], (N, C, H, W) -> one PNG grid."""
     torchvision.utils.save_image(x.detach().float().clamp(0, 1).cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=1)
+
+
+# ----------------------------------------------------------------------------- sample quality: Frechet distance
+def fd_label(cfg):  # the name frechet_distance's number must be reported under: never "FID"
+    return "FD (torchvision Inception-v3; not the TF-Inception FID of papers)" if cfg.fid_inception else "FD (classifier features)"
+
+def frechet_from_features(f1, f2):
+    """Frechet distance of Gaussians fitted to features (N1, D), (N2, D), in float64: ||mu1 - mu2||^2 + Tr(S1 + S2 -
+    2 (S1 S2)^1/2), with Tr (S1 S2)^1/2 = sum of the square roots of the eigenvalues (clamped at 0) of S1^1/2 S2 S1^1/2."""
+    f1, f2 = f1.double(), f2.double()
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    w, v = torch.linalg.eigh(s1)
+    r1 = (v * w.clamp_min(0).sqrt()) @ v.T  # S1^1/2
+    tr = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
+    return ((f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * tr).item()
+
+def _fd_classifier(data, run, epochs=2):
+    """Penultimate-layer features (128-d) of a small conv net trained, seeded, on the training labels (unlabelled data:
+    on 4 rotations, Gidaris et al. 2018), cached in $EXPLICIT_DENSITY_CACHE, else $XDG_CACHE_HOME/explicit-density, else
+    ~/.cache/explicit-density, keyed by recipe version (v1), data set, shape, training-set size; unreadable: retrained."""
+    root = os.environ.get("EXPLICIT_DENSITY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "explicit-density")
+    path = Path(root, "fd-v1-" + re.sub(r"[^\w.-]+", "_", f"{data.name}-{'x'.join(map(str, data.shape))}-{len(data.train)}.pt"))
+    rot = lambda x, y: (x, y) if y is not None else (torch.cat([x.rot90(k, (2, 3)) for k in range(4)]), torch.arange(4).repeat_interleave(len(x)))
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # seeded; the caller's random streams stay untouched
+        torch.manual_seed(0)
+        c, k = data.shape[0], 4 if data.train_labels is None else int(data.train_labels.max()) + 1
+        block = lambda a, b: (nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
+        net = nn.Sequential(*block(c, 32), *block(32, 64), *block(64, 128), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(128, k)).to(run.device)
+        try:
+            net.load_state_dict((saved := torch.load(path, map_location=run.device, weights_only=True))["net"])
+            run.print(f"FD: classifier {path}, test accuracy {saved['accuracy']:.4f}")
+            return net[:-1].eval()
+        except Exception as e:  # absent, corrupt or another net's: (re)train
+            run.print(f"FD: training its classifier ({type(e).__name__} for {path})")
+        opt, t0, g = torch.optim.Adam(net.parameters(), 2e-3), time.time(), torch.Generator().manual_seed(0)
+        for i in [i for _ in range(epochs) for i in torch.randperm(len(data.train), generator=g).split(128)]:
+            x, y = rot(data.train[i].float() / 255, None if data.train_labels is None else data.train_labels[i])
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x.to(run.device)), y.to(run.device)).backward()
+            opt.step()
+    x, y = rot(data.test.float() / 255, data.test_labels)  # (frechet_distance runs under no_grad)
+    acc = sum((net(xb.to(run.device)).argmax(1).cpu() == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500))) / len(y)
+    run.print(f"FD: classifier trained in {time.time() - t0:.0f}s, test accuracy {acc:.4f} -> {path}")
+    try:
+        if run.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"net": net.state_dict(), "accuracy": acc}, path)
+    except OSError as e:  # an unwritable cache folder: retrained next time
+        run.print(f"FD: classifier not cached ({e})")
+    return net[:-1].eval()
+
+def _fd_inception(run):  # torchvision's Inception-v3 pool features (2048-d) of images resized to 299 x 299
+    try:
+        net = torchvision.models.inception_v3(weights="DEFAULT")
+    except Exception as e:
+        fail(f"--fid-inception: torchvision's Inception-v3 weights could not be loaded ({type(e).__name__}); "
+             f"they are downloaded once, with internet access, into {torch.hub.get_dir()}/checkpoints")
+    net.fc, stats = nn.Identity(), torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]], device=run.device)[..., None, None]
+    net = net.to(run.device).eval()
+    return lambda x: net((nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear") - stats[0]) / stats[1])
+
+_FD_NETS = {}  # feature extractors loaded in this process
+
+@torch.no_grad()
+def frechet_distance(samples, data, cfg, run, n=None):
+    """FD (a float; report it under fd_label(cfg)) between the first n samples (images in [0, 1] of data.shape) and the
+    first n test images (binarized, seeded, if cfg.binarize), n = min(n or len(samples), len(samples), len(data.test)),
+    in _fd_classifier's features, or Inception-v3's with cfg.fid_inception. FD is biased up at small n: compare at equal n."""
+    if data.kind != "image" or tuple(samples.shape[1:]) != tuple(data.shape):
+        fail(f"FD needs images of shape {data.shape} of an image data set; got {tuple(samples.shape[1:])} of {data.kind}")
+    n, key = min(n or len(samples), len(samples), len(data.test)), "inception" if cfg.fid_inception else (data.name, data.shape, len(data.train))
+    net = _FD_NETS[key] = _FD_NETS.get(key) or (_fd_inception(run) if cfg.fid_inception else _fd_classifier(data, run))
+    real = data.test[:n].float() / 255
+    real = torch.bernoulli(real, generator=torch.Generator().manual_seed(1234)) if cfg.binarize else real
+    feats = lambda x: torch.cat([net(xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
+    return frechet_from_features(feats(samples[:n]), feats(real))
 
 
 # ----------------------------------------------------------------------------- checkpoints

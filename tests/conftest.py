@@ -41,6 +41,12 @@ def write_mnist_like(folder, n_train=512, n_test=128, gz=True):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fd_cache(tmp_path_factory):
+    """The FD classifiers that tests train are cached in a temporary folder, never in the user's ~/.cache."""
+    os.environ["EXPLICIT_DENSITY_CACHE"] = str(tmp_path_factory.mktemp("fd-cache"))
+
+
 @pytest.fixture(scope="session")
 def fake_fashion(tmp_path_factory):
     """A --data-dir holding synthetic Fashion-MNIST-format files (found before any system copy)."""
