@@ -60,10 +60,10 @@ exact test NLL in nats per point on common's toy test set (10000 points); Real N
     8gaussians     3.020   (22.6 ms/step)   2.981   (28.2 ms/step)
     checkerboard   3.772   (14.1 ms/step)   3.760   (27.0 ms/step)
     moons          2.459   (14.1 ms/step)   2.428   (25.3 ms/step)
-    circles        3.470   (24.3 ms/step)   not measured
-    pinwheel       2.505   (22.3 ms/step)   not measured
-    swissroll      2.802   (22.6 ms/step)   not measured
-    2spirals       3.099   (24.1 ms/step)   not measured
+    circles        3.470   (24.3 ms/step)   3.544   (24.9 ms/step)
+    pinwheel       2.505   (22.3 ms/step)   2.478   (24.8 ms/step)
+    swissroll      2.802   (22.6 ms/step)   2.818   (25.8 ms/step)
+    2spirals       3.099   (24.1 ms/step)   2.974   (24.1 ms/step)
   (ms/step: the median of the logged it/s; each run 35-63 s in all. 8gaussians' true entropy is 2.84 nats,
   checkerboard's log 32 = 3.47.)
 Fashion-MNIST (8-bit, uniform dequantization; test bits/dim = a bound on the discrete NLL, first 2000 test images):
