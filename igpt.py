@@ -55,6 +55,9 @@ on a shared 2-core machine, OMP_NUM_THREADS=1), fixed budgets shorter than the p
     python igpt.py --sample 16 --ckpt runs/igpt/fashion-mnist/ckpt.pt (the 400-step checkpoint)
     0.038 s per image with the key/value cache (16 images in one batch, 196 one-token evaluations);
     without the cache (sample(..., cache=False), the whole prefix re-run per token) 0.717 s per image.
+Full 28 x 28 (784 tokens, 0.96M parameters), the budget of pixelcnn.py's comparison (OMP_NUM_THREADS=2, shared):
+    python igpt.py --downsample 1 --steps 200 --batch-size 32 --warmup 20 --eval-n 500 --probe-n 2000
+    test NLL 3.934 bits/dim (exact; first 500 test images); probe 67.2% vs 81.0% on raw pixels; ~2 s/step.
 Not yet measured: the preset's full 2000 steps, --objective bert, cifar10 / iGPT-S (needs a GPU).
 """
 import math
