@@ -47,6 +47,15 @@ def fd_cache(tmp_path_factory):
     os.environ["EXPLICIT_DENSITY_CACHE"] = str(tmp_path_factory.mktemp("fd-cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Small in-process models on 1 thread (2 threads on a shared 2-core machine ran 20x slower); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def fake_fashion(tmp_path_factory):
     """A --data-dir holding synthetic Fashion-MNIST-format files (found before any system copy)."""

@@ -16,12 +16,7 @@ from conftest import PYTHON, run_script
 F64 = dict(dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # small in-process models: one thread on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small in-process models run on 1 thread
 
 
 class Linear(torch.nn.Module):
