@@ -1,7 +1,7 @@
 """Infrastructure shared by every method file - how to run, never what a method is: config and CLI,
 data, device / precision / DDP, logging, checkpoints, EMA, a guarded optimizer update, grids, bits/dim."""
-import argparse, atexit, copy, dataclasses, gzip, inspect, json, math, os, pickle, random, re, signal, struct, sys, time
-from contextlib import nullcontext
+import argparse, atexit, copy, dataclasses, gzip, inspect, json, math, os, pickle, random, re, shutil, signal, struct, sys, time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,13 @@ DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # files of Debian's packag
 
 def fail(msg):  # stop with one clear line
     raise SystemExit(f"error: {msg}")
+
+@contextmanager
+def writing(path):  # a failed write (a file where a folder should be, no permission, a full disk): one line, not a traceback
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+        fail(f"could not write {path}: {e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[-1].strip()}")
 
 
 # ----------------------------------------------------------------------------- config / CLI
@@ -43,6 +50,8 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (also written at the end and on Ctrl-C/SIGTERM)
     eval_n: int = 0  # test examples used by evaluate (0 = the whole test set)
     fid_inception: bool = False  # FD in torchvision Inception-v3 features (needs its downloaded weights; not the TF-Inception FID of papers)
+    cache_dir: str = "runs/cache"  # FD: where its feature classifier is kept (trained once per data set, a few minutes on a CPU)
+    diverge: float = 10.0  # stop when the loss stays above L_1 + diverge * (|L_1| + 1) for 100 steps (L_1: the first loss; 0 = never)
     resume: bool = False  # continue from --ckpt (default <out>/ckpt.pt)
     eval: bool = False  # only evaluate --ckpt, print and write the metrics
     sample: int = 0  # only draw this many samples from --ckpt into a PNG grid
@@ -68,25 +77,35 @@ def _apply(cfg, values, origin):
             raise KeyError(f"{origin}: unknown field {k!r}")
         setattr(cfg, k, v)
 
+def _preset_key(name, presets):  # a toy density without a preset of its own takes PRESETS["toy"]
+    return "folder" if name.startswith("folder:") else "toy" if name in TOY_SETS and name not in presets else name
+
 def parse_config(cls, presets, method, argv=None, accept=(), own_sets=()):
     """Defaults, then PRESETS[dataset], then explicit flags; with --eval/--sample the checkpoint's config, then flags.
     accept: other methods whose checkpoints load here; own_sets: data sets the method file makes itself."""
     helps, types = _field_help(cls), {"int": int, "float": float, "str": str, "bool": bool}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default=cls.dataset)
+    shown = _preset_key(shown_name := pre.parse_known_args(argv)[0].dataset, presets)  # --help shows what runs for it
     p = argparse.ArgumentParser(prog=f"{method}.py", description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
-                                epilog="[values] are the defaults before the dataset's preset (PRESETS in the file) is applied.")
+                                epilog=f"[values] are what runs with --dataset {shown_name}: the defaults, then PRESETS[{shown!r}] in the "
+                                       "file; add --dataset NAME to --help for another data set's.")
     for f in dataclasses.fields(cls):
-        typ, help = types.get(f.type, f.type), f"{helps.get(f.name, '')} [{f.default}]".replace("%", "%%")
+        typ, v = types.get(f.type, f.type), presets.get(shown, {}).get(f.name, f.default)
+        help = f"{helps.get(f.name, '')} [{v}" + (f", from the {shown} preset; default {f.default}]" if v != f.default else "]")
         kw = dict(action=argparse.BooleanOptionalAction) if typ is bool else dict(type=typ, metavar="|".join(f.metadata.get("choices", ())) or typ.__name__.upper())
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=help, **kw)
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg, name = cls(), given.get("dataset", cls.dataset)
     if name not in DATASETS + tuple(own_sets) and not name.startswith("folder:"):
         fail(f"--dataset {name!r} unknown; accepted: {', '.join(DATASETS + tuple(own_sets))}")
-    key = "folder" if name.startswith("folder:") else "toy" if name in TOY_SETS and name not in presets else name
+    key = _preset_key(name, presets)
     _apply(cfg, presets.get(key, {}), f"PRESETS[{key!r}]")
     _apply(cfg, given, "flags")
     cfg.out = cfg.out or os.path.join("runs", method, "folder-" + Path(name[7:]).name if name.startswith("folder:") else name)
     cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    if cfg.resume and "ckpt" in given and not os.path.isfile(cfg.ckpt):  # only the default <out>/ckpt.pt may be absent
+        fail(f"--resume --ckpt {cfg.ckpt}: no such checkpoint (without --ckpt, --resume starts at step 0 when <out>/ckpt.pt is absent)")
     if cfg.eval or cfg.sample:  # rebuild the trained run's config from its checkpoint
         saved = load_checkpoint(cfg.ckpt, (method,) + tuple(accept))["config"]
         cfg = cls()
@@ -99,8 +118,12 @@ def parse_config(cls, presets, method, argv=None, accept=(), own_sets=()):
             fail(f"{flag} {v!r} unknown; accepted: {', '.join(opts)}")
         if f.name in minimum and v < minimum[f.name]:
             fail(f"{flag} {v} out of range; accepted: integers >= {minimum[f.name]}")
+        if isinstance(v, float) and not math.isfinite(v):  # --lr inf would write NaN weights at the first step
+            fail(f"{flag} {v} is not a finite number")
     if not cfg.lr > 0:
         fail(f"--lr {cfg.lr} out of range; accepted: > 0")
+    if not cfg.diverge >= 0:
+        fail(f"--diverge {cfg.diverge} out of range; accepted: >= 0 (0 = never stop for a rising loss)")
     if cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.dataset[7:]):
         fail(f"--dataset {cfg.dataset}: no such folder")
     return cfg
@@ -127,9 +150,17 @@ def _read_idx(path):
     return torch.frombuffer(bytearray(buf[4 + 4 * n:]), dtype=torch.uint8).reshape(struct.unpack(f">{n}I", buf[4:4 + 4 * n]))
 
 def _download(dataset_cls, data_dir, missing, offline):
+    """torchvision's download into data_dir; a failed one removes what it created (data_dir/<Class>/raw/..., archives)."""
+    root = Path(data_dir)
+    listing = lambda: ({*root.iterdir(), *root.joinpath(dataset_cls.__name__).rglob("*")} if root.is_dir() else set())
+    before, existed = listing(), root.exists()
     try:
         dataset_cls(data_dir, download=True)
     except Exception as e:
+        for q in sorted(listing() - before, key=lambda q: -len(q.parts)):  # the deepest first
+            shutil.rmtree(q, ignore_errors=True) if q.is_dir() and not q.is_symlink() else q.unlink(missing_ok=True)
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
         fail(f"{missing} and the download failed ({type(e).__name__}); offline: {offline}")
 
 def _mnist_like(name, data_dir):
@@ -148,24 +179,54 @@ def _mnist_like(name, data_dir):
     x_tr, y_tr, x_te, y_te = (_read_idx(p) for p in find())
     return x_tr[:, None], y_tr.long(), x_te[:, None], y_te.long()
 
+_NUMPY = {"_reconstruct": np.zeros(0).__reduce__()[0], "_frombuffer": np.zeros(1).__reduce_ex__(5)[0], "scalar": np.int64(0).__reduce__()[0],
+          "ndarray": np.ndarray, "dtype": np.dtype}  # what numpy arrays and scalars pickle as
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch as data: dicts, lists, bytes, numbers and numpy arrays; any other global (a function
+    that would run, e.g. os.system) is refused, so a crafted batch file cannot run code."""
+    def find_class(self, module, name):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric", "numpy") and name in _NUMPY:
+            return _NUMPY[name]
+        if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles made by Python 3 spell bytes
+            return lambda text, encoding="utf-8": text.encode(encoding)
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
 def _cifar10(data_dir):
     root = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(root):
         _download(torchvision.datasets.CIFAR10, data_dir, f"cifar10: no {root}", "--data-dir DIR")
-    def read(names):  # the python-pickle batches of the official archive
-        parts = [pickle.loads(Path(root, n).read_bytes(), encoding="bytes") for n in names]
-        return (torch.from_numpy(np.concatenate([b[b"data"] for b in parts])).reshape(-1, 3, 32, 32),
-                torch.tensor(sum((list(b[b"labels"]) for b in parts), [])))
-    return read([f"data_batch_{i}" for i in range(1, 6)]) + read(["test_batch"])
+    def batch(path):  # {b"data": uint8 (N, 3072), b"labels": N ints in 0..9, ...}: a python-pickle batch of the official archive
+        try:
+            with open(path, "rb") as f:
+                b = _BatchUnpickler(f, encoding="bytes").load()
+            x, y = b[b"data"], [int(v) for v in b[b"labels"]]
+            ok = isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072 and len(y) == len(x)
+        except Exception as e:  # refused global, truncated file, missing key, labels of the wrong type
+            fail(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                 "only numpy arrays, lists, dicts, bytes and numbers are read")
+        if not ok or not all(0 <= v < 10 for v in y):
+            fail(f"{path}: not a CIFAR-10 batch (data must be uint8 of shape (N, 3072) with N labels in 0..9)")
+        return torch.from_numpy(x.copy()).reshape(-1, 3, 32, 32), torch.tensor(y)
+    x, y = zip(*(batch(os.path.join(root, n)) for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]))
+    return torch.cat(x[:5]), torch.cat(y[:5]), x[5], y[5]
 
 def _folder(path, size):
-    """Every image under path, resized (shorter side) and center-cropped to size; every 20th is test."""
+    """Every image under path, resized (shorter side) and center-cropped to size; every 20th is test; unreadable
+    files are skipped and counted."""
     import torchvision.transforms.functional as TF
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"))
-    if len(files) < 2:
-        fail(f"folder:{path}: found {len(files)} images (png, jpg, bmp, gif, webp); needs at least 2")
-    load = torchvision.datasets.folder.pil_loader  # PIL (a torchvision dependency), converted to RGB
-    x = torch.stack([TF.pil_to_tensor(TF.center_crop(TF.resize(load(str(f)), size), size)) for f in files])
+    load, x, bad = torchvision.datasets.folder.pil_loader, [], []  # PIL (a torchvision dependency), converted to RGB
+    for f in files:
+        try:
+            x.append(TF.pil_to_tensor(TF.center_crop(TF.resize(load(str(f)), size), size)))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated or odd files
+            bad.append(f"{f} ({type(e).__name__})")
+    if bad and int(os.environ.get("RANK", 0)) == 0:
+        print(f"folder:{path}: skipped {len(bad)} unreadable file(s) of {len(files)}, e.g. {bad[0]}", flush=True)
+    if len(x) < 2:
+        fail(f"folder:{path}: found {len(x)} readable images (png, jpg, bmp, gif, webp); needs at least 2")
+    x = torch.stack(x)
     test = torch.arange(len(x)) % 20 == 0
     return x[~test], None, x[test], None
 
@@ -223,6 +284,8 @@ def load_data(cfg):
     """The dataset cfg.dataset names; images stay uint8, so their 8-bit values are exact."""
     name, seed = cfg.dataset, torch.Generator().manual_seed(12345)  # fixed test sets
     if name in TOY_SETS:  # training points are drawn fresh for every batch
+        if cfg.eval_n > 10 ** 6:
+            fail(f"--eval-n {cfg.eval_n}: a toy test set holds at most 1000000 points")
         test = toy_sample(name, cfg.eval_n or 10000, seed)
         return Data(name, "toy", (2,), test[:0], test)
     base = {"moving-mnist": "mnist", "moving-fashion": "fashion-mnist"}.get(name, name)
@@ -240,6 +303,9 @@ class Batches:
         self.data, self.cfg, self.run, self.hflip, self.labels = data, cfg, run, hflip, labels
         self.b, self.epoch, self.pos, self.idx = cfg.batch_size // run.world, 0, 0, None
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + run.rank)
+        if data.kind == "toy" and self.b > 10 ** 5 or data.kind == "video" and self.b * math.prod(data.shape) * 4 > 2 ** 31:
+            fail(f"--batch-size {cfg.batch_size} is too large for {data.kind} data; accepted: at most "
+                 + ("100000 points" if data.kind == "toy" else f"{2 ** 31 // (4 * math.prod(data.shape))} videos (2 GiB of frames)") + " per process")
         if data.kind == "image":
             if len(data.train) // run.world < self.b:
                 fail(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training images")
@@ -279,10 +345,22 @@ class Batches:
         if self.data.kind == "image":
             self._epoch()
 
-def test_batches(data, cfg, device, batch_size):
-    """The first cfg.eval_n test examples (all if 0) as floats on device, binarized with a fixed seed."""
+def progress(items, label, every=10.0):
+    """Yields the items (a list), printing label at once, then `label: 3/10 batches, 12s, about 28s left` every 10 s."""
+    t0 = last = time.time()
+    print(label, flush=True)
+    for i, item in enumerate(items, 1):
+        yield item
+        if (now := time.time()) - last >= every and i < len(items):
+            last = now
+            print(f"{label}: {i}/{len(items)} batches, {now - t0:.0f}s, about {(now - t0) * (len(items) - i) / i:.0f}s left", flush=True)
+
+def test_batches(data, cfg, device, batch_size, label=None):
+    """The first cfg.eval_n test examples (all if 0) as floats on device, binarized with a fixed seed. With a label
+    (what is evaluated): printed with the number of examples, then the progress every 10 s."""
     x, gen = data.test[:cfg.eval_n or None], torch.Generator().manual_seed(1234)
-    for i in range(0, len(x), batch_size):
+    starts = range(0, len(x), batch_size)
+    for i in progress(starts, f"evaluate: {label}: {len(x)} test examples") if label else starts:
         xb = x[i:i + batch_size]
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         yield (torch.bernoulli(xb, generator=gen) if cfg.binarize else xb).to(device)
@@ -329,8 +407,9 @@ def setup(cfg, method, train=True):
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     run = Run(device, dtype, rank, world, Path(cfg.out), rank == 0, kind in ("cuda", "cpu"))
     if train and run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        with writing(run.out / "config.json"):
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
         print(f"{method} | {cfg.dataset} | {device} {prec} | {world} process(es) | {cfg.out}", flush=True)
     return run
 
@@ -354,42 +433,64 @@ def ddp_check(model, run):
     return diff.item()
 
 class Stop:
-    """Ctrl-C/SIGTERM: stop after this step and save (a 2nd Ctrl-C: at once). DDP ranks agree at log steps."""
+    """Ctrl-C/SIGTERM: stop after this step and save; a 2nd signal exits at once (the last checkpoint stays). DDP ranks
+    agree at log steps. After the final checkpoint, exit_if_stopped exits with 128 + the signal (130, 143)."""
     def __init__(self, run, cfg):
-        self.run, self.cfg, self.flag, self.old = run, cfg, False, {}
+        self.run, self.cfg, self.signum, self.stopped, self.old = run, cfg, 0, False, {}
     def __enter__(self):
         self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
     def _handle(self, signum, frame):
-        self.flag = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.run.print(f"\nsignal {signum}: stopping after this step and saving a checkpoint")
+        if self.signum:  # the second signal
+            self.run.print(f"\nsignal {signum} again: exiting now; the last checkpoint {self.cfg.ckpt} is kept")
+            if self.stopped == "saved":  # already exiting (interpreter teardown): at once
+                os._exit(128 + signum)
+            raise SystemExit(128 + signum)  # (an interrupted checkpoint write removes its temporary file)
+        self.signum = signum
+        self.run.print(f"\nsignal {signum}: stopping after this step and saving a checkpoint (again to exit at once)")
     def __exit__(self, *exc):
-        for s, h in self.old.items():
+        for s, h in self.old.items() if not self.signum else ():  # stopping: a 2nd signal while saving still exits cleanly
             signal.signal(s, h)
     def __call__(self, step):
         if self.run.world == 1 or not every(step, self.cfg.log_every):
-            return self.flag and self.run.world == 1
-        f = torch.tensor(float(self.flag), device=self.run.device)
+            self.stopped = self.stopped or bool(self.signum) and self.run.world == 1
+            return self.stopped
+        f = torch.tensor(float(self.signum), device=self.run.device)
         dist.all_reduce(f, op=dist.ReduceOp.MAX)
-        return bool(f.item())
+        self.signum, self.stopped = int(f.item()), bool(f.item())
+        return self.stopped
+    def exit_if_stopped(self, step):
+        if self.stopped:
+            self.stopped = "saved"
+            self.run.print(f"stopped at step {step}: checkpoint {self.cfg.ckpt}; continue with --resume")
+            raise SystemExit(128 + self.signum)
 
 
 # ----------------------------------------------------------------------------- optimisation
 class Update:
-    """loss.backward(), gradient clipping, optimizer.step(); a step with a non-finite loss or gradient norm is
-    skipped and counted (VD-VAE style): on the device by fused optimizers (no host sync), else after a host check."""
-    def __init__(self, optimizer, params, run, clip=0.0, patience=20):
+    """loss.backward(), gradient clipping, optimizer.step(). A step whose loss, gradient norm or buffers (batch-norm
+    statistics) are not finite is skipped, counted (VD-VAE style) and leaves the buffers as they were: on the device for
+    fused optimizers (no host sync), else after a host check. Steps in a row above bound() count as a finite divergence."""
+    def __init__(self, optimizer, model, run, clip=0.0, patience=20, diverge=10.0, diverge_steps=100):
+        params, bufs = (model.parameters(), list(model.buffers())) if isinstance(model, nn.Module) else (model, [])
         self.opt, self.params, self.clip, self.patience = optimizer, [p for p in params if p.requires_grad], clip, patience
+        self.diverge, self.diverge_steps, self.bufs, self.saved = diverge, diverge_steps, bufs, [b.detach().clone() for b in bufs]
+        self.finite = [b for b in bufs if b.is_floating_point() and torch.isfinite(b).all()]  # (not e.g. a -inf mask)
         self.scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
-        self.skipped = torch.zeros((), device=run.device)  # skipped steps in all
-        self.streak = torch.zeros((), device=run.device)  # skipped steps in a row, up to now
+        # skipped steps in all and in a row; steps in a row above the divergence bound; L_1, the first finite loss
+        self.skipped, self.streak, self.high, self.first = (torch.tensor(v, device=run.device) for v in (0.0, 0.0, 0.0, math.nan))
+    def bound(self):  # the loss above which training counts as diverging
+        return self.first + self.diverge * (self.first.abs() + 1)
     def __call__(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.opt)
         norm = nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
-        bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
+        l = loss.detach().float()
+        bad = ~torch.isfinite(l) | ~torch.isfinite(norm)
+        if self.finite:
+            bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(self.finite))).all()
+        bad = bad.float()
         if self.scaler:  # skips non-finite steps itself
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -399,17 +500,28 @@ class Update:
             del self.opt.found_inf, self.opt.grad_scale
         elif not bad.item():
             self.opt.step()
+        if self.bufs:  # a skipped step leaves every buffer as it was
+            for b, old in zip(self.bufs, self.saved):
+                b.copy_(torch.where(bad.bool(), old, b))
+            torch._foreach_copy_(self.saved, self.bufs)
         self.skipped += bad
         self.streak = (self.streak + 1) * bad
+        self.first = torch.where(torch.isnan(self.first) & ~bad.bool(), l, self.first)
+        self.high = (self.high + 1) * ((l > self.bound()) | bad.bool()).float() if self.diverge > 0 else self.high
         return norm
-    def check(self, streak):
+    def check(self, streak, high=0.0):
         if streak >= self.patience:
             fail(f"{int(streak)} non-finite losses in a row ({int(self.skipped.item())} skipped in all); "
                  "lower --lr, use --precision fp32, or clip gradients")
+        if high >= self.diverge_steps:
+            fail(f"the loss stayed above {self.bound().item():.4g} = L_1 + {self.diverge:g} (|L_1| + 1), L_1 = {self.first.item():.4g} "
+                 f"the first loss, for {int(high)} steps: diverged; lower --lr (--diverge 0 never stops for this)")
     def state_dict(self):
-        return {"skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else {}}
+        return {"skipped": self.skipped, "first": self.first, "scaler": self.scaler.state_dict() if self.scaler else {}}
     def load_state_dict(self, s):
         self.skipped.copy_(s["skipped"])
+        self.first.copy_(s.get("first", self.first))
+        torch._foreach_copy_(self.saved, self.bufs) if self.bufs else None  # the model was loaded first (common.resume)
         if self.scaler and s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
 
@@ -445,28 +557,34 @@ class Logger:
         if every(step, self.cfg.log_every) or step == self.cfg.steps:
             self.flush(step)
     def flush(self, step):
-        extra = torch.stack([self.update.skipped, self.update.streak]) if self.update else self.sum[:0]
-        vals = torch.cat([self.sum / self.count.clamp_min(1), extra]).tolist()  # the one sync per log line
+        u = self.update
+        extra = torch.stack([u.skipped, u.streak, u.high, u.bound()]) if u else self.sum[:0]
+        mean = torch.where(self.count > 0, self.sum / self.count.clamp_min(1), math.nan)  # all skipped: nan, never 0
+        vals = torch.cat([mean, extra]).tolist()  # the one sync per log line
         now = time.time()
         its, self.t, self.last = (step - self.last) / max(now - self.t, 1e-9), now, step
         self.sum, self.count = self.sum * 0, self.count * 0
         rec = {"step": step, "split": "train", **dict(zip(self.keys, vals)), "it_s": its}
         line = f"step {step}/{self.cfg.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in zip(self.keys, vals))
-        if self.update:
-            rec["skipped"] = int(vals[-2])
-            line += f" | skipped {int(vals[-2])}" if vals[-2] else ""
+        if u:
+            skipped, streak, high, bound = vals[-4:]
+            rec["skipped"] = int(skipped)
+            line += f" | skipped {int(skipped)}" if skipped else ""
+            line += f" | diverging? loss above {bound:.4g} for {int(high)} steps" if high >= 10 else ""
         eta = (self.cfg.steps - step) / max(its, 1e-9)
         self.run.print(f"{line} | {its:.1f} it/s | eta " + (f"{eta / 3600:.1f}h" if eta > 5400 else f"{eta / 60:.0f}m"))
         self.write(rec, echo=False)
-        if self.update:
-            self.update.check(vals[-1])
-    def write(self, record, echo=True):  # one record -> metrics.jsonl, printed (rank 0)
+        if u:
+            u.check(streak, high)
+    def write(self, record, echo=True):  # one record -> metrics.jsonl (nan/inf as null), printed (rank 0)
         if self.run.main:
             if echo:
                 print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
-            self.run.out.mkdir(parents=True, exist_ok=True)
-            with open(self.run.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            with writing(self.run.out / "metrics.jsonl"):
+                self.run.out.mkdir(parents=True, exist_ok=True)
+                with open(self.run.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(clean) + "\n")
 
 def eval_record(step, test_nll, unit, kind, n_test, **extras):
     """What every evaluate() returns: the same keys in every file (DESIGN.md, Metrics); test_nll, kind None: no likelihood."""
@@ -483,7 +601,8 @@ def dequantized_bpd(log_density, dims):
 
 def save_grid(x, path, nrow=None):
     """Images in [0, 1], (N, C, H, W) -> one PNG grid."""
-    torchvision.utils.save_image(x.detach().float().clamp(0, 1).cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=1)
+    with writing(path):
+        torchvision.utils.save_image(x.detach().float().clamp(0, 1).cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=1)
 
 
 # ----------------------------------------------------------------------------- sample quality: Frechet distance
@@ -500,26 +619,28 @@ def frechet_from_features(f1, f2):
     tr = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
     return ((f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * tr).item()
 
-def _fd_classifier(data, run, epochs=2):
+def _fd_classifier(data, cfg, run, epochs=2):
     """Penultimate-layer features (128-d) of a small conv net trained, seeded, on the training labels (unlabelled data:
-    on 4 rotations, Gidaris et al. 2018), cached in $EXPLICIT_DENSITY_CACHE, else $XDG_CACHE_HOME/explicit-density, else
-    ~/.cache/explicit-density, keyed by recipe version (v1), data set, shape, training-set size; unreadable: retrained."""
-    root = os.environ.get("EXPLICIT_DENSITY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "explicit-density")
-    path = Path(root, "fd-v1-" + re.sub(r"[^\w.-]+", "_", f"{data.name}-{'x'.join(map(str, data.shape))}-{len(data.train)}.pt"))
+    on 4 rotations, Gidaris et al. 2018), cached in cfg.cache_dir, keyed by recipe version (v1), data set, shape and
+    training-set size; absent or unreadable: (re)trained, with progress lines."""
+    path = Path(cfg.cache_dir, "fd-v1-" + re.sub(r"[^\w.-]+", "_", f"{data.name}-{'x'.join(map(str, data.shape))}-{len(data.train)}.pt"))
     rot = lambda x, y: (x, y) if y is not None else (torch.cat([x.rot90(k, (2, 3)) for k in range(4)]), torch.arange(4).repeat_interleave(len(x)))
     with torch.random.fork_rng(devices=[]), torch.enable_grad():  # seeded; the caller's random streams stay untouched
         torch.manual_seed(0)
         c, k = data.shape[0], 4 if data.train_labels is None else int(data.train_labels.max()) + 1
         block = lambda a, b: (nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
         net = nn.Sequential(*block(c, 32), *block(32, 64), *block(64, 128), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(128, k)).to(run.device)
-        try:
-            net.load_state_dict((saved := torch.load(path, map_location=run.device, weights_only=True))["net"])
-            run.print(f"FD: classifier {path}, test accuracy {saved['accuracy']:.4f}")
-            return net[:-1].eval()
-        except Exception as e:  # absent, corrupt or another net's: (re)train
-            run.print(f"FD: training its classifier ({type(e).__name__} for {path})")
+        if path.is_file():
+            try:
+                net.load_state_dict((saved := torch.load(path, map_location=run.device, weights_only=True))["net"])
+                run.print(f"FD: classifier {path}, test accuracy {saved['accuracy']:.4f}")
+                return net[:-1].eval()
+            except Exception as e:  # corrupt or another net's: retrained
+                run.print(f"FD: the cached classifier {path} is unreadable ({type(e).__name__}); retraining it")
         opt, t0, g = torch.optim.Adam(net.parameters(), 2e-3), time.time(), torch.Generator().manual_seed(0)
-        for i in [i for _ in range(epochs) for i in torch.randperm(len(data.train), generator=g).split(128)]:
+        order = [i for _ in range(epochs) for i in torch.randperm(len(data.train), generator=g).split(128)]
+        for i in progress(order, f"FD: training its feature classifier once for {data.name} ({epochs} epochs of {len(data.train)} "
+                                 f"images, {len(order)} batches; cached in {path})"):  # (frechet_distance runs on rank 0)
             x, y = rot(data.train[i].float() / 255, None if data.train_labels is None else data.train_labels[i])
             opt.zero_grad()
             nn.functional.cross_entropy(net(x.to(run.device)), y.to(run.device)).backward()
@@ -528,10 +649,8 @@ def _fd_classifier(data, run, epochs=2):
     acc = sum((net(xb.to(run.device)).argmax(1).cpu() == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500))) / len(y)
     run.print(f"FD: classifier trained in {time.time() - t0:.0f}s, test accuracy {acc:.4f} -> {path}")
     try:
-        if run.main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save({"net": net.state_dict(), "accuracy": acc}, path)
-    except OSError as e:  # an unwritable cache folder: retrained next time
+        atomic_save({"net": net.state_dict(), "accuracy": acc}, path) if run.main else None
+    except SystemExit as e:  # an unwritable cache folder: retrained next time
         run.print(f"FD: classifier not cached ({e})")
     return net[:-1].eval()
 
@@ -555,7 +674,7 @@ def frechet_distance(samples, data, cfg, run, n=None):
     if data.kind != "image" or tuple(samples.shape[1:]) != tuple(data.shape):
         fail(f"FD needs images of shape {data.shape} of an image data set; got {tuple(samples.shape[1:])} of {data.kind}")
     n, key = min(n or len(samples), len(samples), len(data.test)), "inception" if cfg.fid_inception else (data.name, data.shape, len(data.train))
-    net = _FD_NETS[key] = _FD_NETS.get(key) or (_fd_inception(run) if cfg.fid_inception else _fd_classifier(data, run))
+    net = _FD_NETS[key] = _FD_NETS.get(key) or (_fd_inception(run) if cfg.fid_inception else _fd_classifier(data, cfg, run))
     real = data.test[:n].float() / 255
     real = torch.bernoulli(real, generator=torch.Generator().manual_seed(1234)) if cfg.binarize else real
     feats = lambda x: torch.cat([net(xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
@@ -564,28 +683,40 @@ def frechet_distance(samples, data, cfg, run, n=None):
 
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: an interrupted write leaves the old file."""
+    """torch.save to a temporary file, then os.replace: an interrupted or failed write leaves the old file."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
+def _tensors(obj, name=""):  # every tensor in a nested state, with its dotted name
+    if torch.is_tensor(obj):
+        yield name, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+
 def save_checkpoint(cfg, run, method, step, **parts):
-    """cfg.ckpt <- method, step, config, RNG and each part's state_dict() (or value); weights_only-loadable."""
+    """cfg.ckpt <- method, step, config, RNG and each part's state_dict() (or value); weights_only-loadable. Non-finite
+    weights, buffers or optimizer state are never written: the last good file stays, and training stops."""
+    state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in parts.items()}
+    bad = next((n for n, t in _tensors(state) if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad:  # checked on every rank, so DDP ranks stop together
+        fail(f"step {step}: {bad} is not finite; not saved, {cfg.ckpt} " + ("keeps the last good checkpoint" if os.path.isfile(cfg.ckpt)
+             else "was never written") + "; lower --lr or clip gradients")
     if run.main:
         np_rng = np.random.get_state()
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                "numpy": torch.from_numpy(np_rng[1].astype(np.int64)), "numpy_pos": int(np_rng[2]), "python": random.getstate()}
-        state = {"method": method, "step": step, "config": asdict(cfg), "rng": rng}
-        state.update({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in parts.items()})
-        Path(cfg.ckpt).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(state, cfg.ckpt)
+        atomic_save({"method": method, "step": step, "config": asdict(cfg), "rng": rng, **state}, cfg.ckpt)
 
 def load_checkpoint(path, methods):
     """torch.load(weights_only=True), refusing pickled objects and other methods' checkpoints."""
@@ -633,4 +764,6 @@ def resume(cfg, run, method, model, **parts):
         np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"]))
         random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     run.print(f"resumed from {cfg.ckpt} at step {ckpt['step']}")
+    if ckpt["config"].get("steps", cfg.steps) != cfg.steps:  # a schedule over --steps (cosine, decay stages) is re-stretched
+        run.print(f"resume: --steps {cfg.steps} differs from the checkpoint run's {ckpt['config']['steps']}; an lr schedule over --steps now spans {cfg.steps}")
     return ckpt["step"]

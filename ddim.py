@@ -405,7 +405,7 @@ def evaluate(model, data, cfg, run, step):
     model.eval()
     sched, tau = make_schedule(cfg).to(run.device), make_tau(cfg.T, cfg.steps_sample, cfg.tau)
     g, losses, sq, n = torch.Generator().manual_seed(0), [], 0.0, 0
-    for x in common.test_batches(data, cfg, run.device, min(cfg.eval_batch, 100)):
+    for x in common.test_batches(data, cfg, run.device, min(cfg.eval_batch, 100), f"L_simple, encode -> decode with S = {len(tau)}"):
         x0 = 2 * x - 1
         t = torch.randint(1, cfg.T + 1, (len(x0),), generator=g).to(run.device)
         eps = torch.randn(x0.shape, generator=g).to(run.device)
@@ -416,6 +416,7 @@ def evaluate(model, data, cfg, run, step):
         sq, n = sq + (x_rec - x).pow(2).sum().item(), n + x.numel()
     extras = dict(test_loss_simple=torch.cat(losses).mean().item(), recon_mse=sq / n, S=len(tau), eta=cfg.eta, tau=cfg.tau)
     if cfg.eval_samples:
+        run.print(f"evaluate: drawing {cfg.eval_samples} samples with S = {len(tau)}, eta = {cfg.eta:g} (images/s, FD)")
         x_T = torch.randn(cfg.eval_samples, *data.shape, generator=torch.Generator().manual_seed(12345))  # not noise's
         x, ips = sample_many(model, sched, tau, x_T, cfg.eta, run, cfg.eval_batch)
         extras.update(nfe=len(tau), images_per_s=ips, fd=common.frechet_distance(x, data, cfg, run), fd_kind=common.fd_label(cfg))
@@ -435,7 +436,7 @@ def train(cfg):
         model = model.to(memory_format=torch.channels_last)
     ema = common.EMA(model, cfg.ema)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run, hflip=cfg.hflip)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update, ema=ema)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -471,6 +472,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_images()
         log.write(evaluate(ema.model, data, cfg, run, step))

@@ -451,12 +451,13 @@ def evaluate(model, data, cfg, run, step):
     model.eval()
     sched = make_schedule(cfg).to(run.device)
     parts = []
-    for x in common.test_batches(data, cfg, run.device, max(1, min(cfg.eval_batch, 100))):
+    for x in common.test_batches(data, cfg, run.device, max(1, min(cfg.eval_batch, 100)), f"variational bound over all T = {cfg.T} steps"):
         parts.append(torch.stack(bound_terms(model, sched, 2 * x - 1, cfg.sigma, cfg.eval_batch), 1))
     prior, sum_L, dec = torch.cat(parts).mean(0).tolist()
     extras = dict(prior=prior, sum_L=sum_L, decoder=dec, T=cfg.T, schedule=cfg.schedule, sigma=cfg.sigma, loss=cfg.loss)
     if cfg.eval_samples:
         s_sched = respace(sched, cfg.sample_steps) if cfg.sample_steps else sched
+        run.print(f"evaluate: drawing {cfg.eval_samples} samples with {s_sched.T} steps (images/s, FD)")
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
@@ -482,7 +483,7 @@ def train(cfg):
         model = model.to(memory_format=torch.channels_last)
     ema, t_sampler = common.EMA(model, cfg.ema), TSampler(cfg.T, cfg.t_sampling == "importance").to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run, hflip=cfg.hflip)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update, ema=ema, t_sampler=t_sampler)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -519,6 +520,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_images()
         log.write(evaluate(ema.model, data, cfg, run, step))

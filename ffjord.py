@@ -549,7 +549,7 @@ def evaluate(model, data, cfg, run, step):
     trace = resolve_trace(cfg.eval_trace, model.shape)
     opts = {**model.opts, "rtol": cfg.eval_tol, "atol": cfg.eval_tol, "trace": trace}
     gen, log_p, nfe, t0 = torch.Generator().manual_seed(4321), [], [], time.time()
-    for x in common.test_batches(data, cfg, run.device, 1000 if model.image else 5000):
+    for x in common.test_batches(data, cfg, run.device, 1000 if model.image else 5000, f"NLL by ODE solves ({trace} trace, tol {cfg.eval_tol:g})"):
         before = model.nfe()
         log_p.append(model.log_prob(dequantize(x, gen) if model.image else x, opts))
         nfe.append(model.nfe() - before)
@@ -576,7 +576,7 @@ def train(cfg):
     run = common.setup(cfg, METHOD)
     model = FlowModel(cfg, data.shape, run.autocast if run.dtype else None).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -613,6 +613,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         pictures()
         log.write(evaluate(model, data, cfg, run, step))

@@ -429,7 +429,7 @@ def evaluate(model, data, cfg, run, step):
         return common.eval_record(step, None, "nats", "bound", 100_000 * len(bound), kl_bound=bound.mean().item(),
                                   log_z=log_z, kl=bound.mean().item() + log_z, flow=cfg.flow, length=cfg.length)
     log_px, elbo, kl, mus = [], [], [], []
-    for x in common.test_batches(data, cfg, run.device, 100):
+    for x in common.test_batches(data, cfg, run.device, 100, f"importance-sampled NLL (k = {cfg.eval_k}), -ELBO, KL, active units"):
         lp, e, kl_x = log_px_importance(model, x, cfg.eval_k, chunk=max(1, 4000 // len(x)))
         log_px.append(lp)
         elbo.append(e)
@@ -464,7 +464,7 @@ def train(cfg):
     run = common.setup(cfg, METHOD)
     model = FlowVAE(cfg, data.shape).to(run.device)
     opt = make_optimizer(cfg, model, run)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -494,6 +494,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_images(model, fixed, run.out, step)
         log.write(evaluate(model, data, cfg, run, step))
@@ -513,7 +514,7 @@ def train_energy(cfg):
         common.fail(f"--dataset {cfg.dataset} trains in one process (a 2D flow has nothing to split); run it without torchrun")
     model = EnergyFlow(cfg.flow, cfg.length).to(run.device)
     opt = make_optimizer(cfg, model, run)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, update=update)
     log = common.Logger(cfg, run, step, update)
     run.print(f"{cfg.flow} flow, T = {cfg.length}, fit to exp(-U) of {cfg.dataset.upper()} (reverse KL)")
@@ -529,6 +530,7 @@ def train_energy(cfg):
             if common.every(step, cfg.ckpt_every):
                 common.save_checkpoint(cfg, run, METHOD, step, model=model, optimizer=opt, update=update)
     common.save_checkpoint(cfg, run, METHOD, step, model=model, optimizer=opt, update=update)
+    stop.exit_if_stopped(step)
     if step >= cfg.steps:
         save_density(model, cfg.dataset, run.out, step)
         log.write(evaluate(model, None, cfg, run, step))

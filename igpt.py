@@ -85,7 +85,7 @@ class Config(common.TrainConfig):
     kmeans_iters: int = 20  # Lloyd iterations of the k-means
     downsample: int = 1  # average-pool images by this factor before tokenizing (2: 28x28 -> 14x14)
     mask_frac: float = 0.15  # bert: fraction of positions masked
-    warmup: int = 100  # linear lr warm-up steps, then cosine decay to 0
+    warmup: int = 100  # linear lr warm-up steps, then cosine decay to 0 at --steps (--resume with a larger --steps re-stretches the cosine)
     beta2: float = 0.95  # Adam beta2 (paper: 0.95)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
@@ -336,8 +336,9 @@ def evaluate(model, data, cfg, run, step, batch_size=50):
     labels and --probe-n: linear-probe test accuracy of the middle layer and of raw pixels."""
     model.eval()
     nll, gen = [], torch.Generator(device=run.device).manual_seed(0)
-    xs = [tokenize(model, x) for x in common.test_batches(data, cfg, run.device, batch_size)]
-    for x in xs:
+    n_test = 0
+    for x in common.test_batches(data, cfg, run.device, batch_size, "exact NLL" if model.causal else "masked-token loss"):
+        x, n_test = tokenize(model, x), n_test + len(x)
         with run.autocast():
             nll.append(-log_prob(model, x) if model.causal else loss_bert(model, x, cfg.mask_frac, gen)[0].expand(len(x)))
     nll = torch.cat(nll).mean().item()
@@ -349,6 +350,7 @@ def evaluate(model, data, cfg, run, step, batch_size=50):
         extras = dict(masked_ce_nats=nll, mask_frac=cfg.mask_frac)
     if cfg.probe_n and data.train_labels is not None and data.test_labels is not None:
         layer = cfg.probe_layer or max(1, len(model.blocks) // 2)
+        run.print(f"evaluate: linear probe of block {layer} on {min(cfg.probe_n, len(data.train))} training images, and of raw pixels")
         train_x, test_x = data.train[:cfg.probe_n].float() / 255, data.test[:cfg.eval_n or None].float() / 255  # not binarized
         feats = lambda xb: torch.cat([probe_features(model, tokenize(model, b.to(run.device)), layer) for b in xb.split(batch_size)])
         y_tr, y_te = data.train_labels[:cfg.probe_n].to(run.device), data.test_labels[:len(test_x)].to(run.device)
@@ -357,7 +359,6 @@ def evaluate(model, data, cfg, run, step, batch_size=50):
                       probe_acc_pixels=linear_probe(pix(train_x), y_tr, pix(test_x), y_te),
                       probe_layer=layer, probe_n=len(y_tr))
     model.train()
-    n_test = sum(len(x) for x in xs)
     if not model.causal:
         return common.eval_record(step, None, "nats", None, n_test, **extras)
     if model.vocab == 256:  # 8-bit grayscale: exact bits/dim of the (downsampled) 8-bit data
@@ -403,7 +404,7 @@ def train(cfg):
         run.print(f"palette: k-means, k = {vocab}, on {min(cfg.kmeans_pixels, len(px))} pixels in {time.time() - t:.1f}s")
     model = IGPT(cfg, data.shape, vocab, palette).to(run.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -436,6 +437,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         if model.causal:
             save_images(model, fixed, run.out, step, cfg.n_samples)

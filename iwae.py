@@ -69,7 +69,7 @@ class Config(common.TrainConfig):
     hidden: str = ""  # deterministic width per stochastic layer, comma separated ('' = the paper's: 200 | 100,50)
     latent: str = ""  # size of each stochastic layer h1, h2 ('' = the paper's: 50 | 100,50)
     act: str = common.choice("tanh", "relu", "elu")  # activation of the deterministic layers (the paper: tanh)
-    lr_schedule: str = common.choice("constant", "paper")  # paper: lr * 10^(-i/7) over stages of 3^i epochs
+    lr_schedule: str = common.choice("constant", "paper")  # paper: lr * 10^(-i/7) over stages of 3^i epochs, scaled to --steps (keep --steps on --resume)
     adam_eps: float = 1e-4  # Adam epsilon (the paper: 1e-4)
     grad_clip: float = 0.0  # max gradient norm (0 = no clipping)
     eval_k: int = 5000  # importance samples per test example for the NLL estimate (the paper: 5000)
@@ -250,7 +250,7 @@ def evaluate(model, data, cfg, run, step):
     on the same samples, and the active units per stochastic layer (Cov_x(E_q[u]) > 0.01). fp32."""
     model.eval()
     log_px, elbos, means = [], [], []
-    for x in common.test_batches(data, cfg, run.device, 100):
+    for x in common.test_batches(data, cfg, run.device, 100, f"importance-sampled NLL (k = {cfg.eval_k}), k-sample -ELBO, active units"):
         lp, e, m = log_px_importance(model, x, cfg.eval_k, chunk=max(1, 5000 // len(x)))
         log_px.append(lp)
         elbos.append(e)
@@ -285,7 +285,7 @@ def train(cfg):
     run = common.setup(cfg, METHOD)
     model = IWAE(cfg, data.shape).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -317,6 +317,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_images(model, fixed, run.out, step)
         log.write(evaluate(model, data, cfg, run, step))

@@ -305,7 +305,7 @@ def evaluate(model, data, cfg, run, step):
     """Exact test NLL: bits/dim of the 8-bit data (softmax), or nats per image of binarized data (Bernoulli)."""
     model.eval()
     log_px = []
-    for x in common.test_batches(data, cfg, run.device, 100):
+    for x in common.test_batches(data, cfg, run.device, 100, f"exact NLL ({cfg.arch})"):
         with run.autocast():
             log_px.append(log_prob(model, x))
     model.train()
@@ -333,7 +333,7 @@ def train(cfg):
     run = common.setup(cfg, METHOD)
     model = PixelNet(cfg, data.shape).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -363,6 +363,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_images(model, cfg, fixed, run.out, step, run.autocast)
         log.write(evaluate(model, data, cfg, run, step))

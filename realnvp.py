@@ -81,6 +81,7 @@ not yet measured.
 """
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -521,7 +522,7 @@ def evaluate(model, data, cfg, run, step):
         model.train(was)
         return common.eval_record(step, -log_px.mean().item(), "nats", "exact", len(log_px), flow=cfg.flow)
     dims, gen, bpd = math.prod(data.shape), torch.Generator().manual_seed(4321), []
-    for x in common.test_batches(data, cfg, run.device, cfg.eval_batch):
+    for x in common.test_batches(data, cfg, run.device, cfg.eval_batch, f"dequantized NLL ({cfg.flow})"):
         with run.autocast():
             log_px = log_prob(model, dequantize(x, gen))[0].float()
         bpd.append(common.dequantized_bpd(log_px, dims))
@@ -539,7 +540,7 @@ def train(cfg):
     run = common.setup(cfg, METHOD)
     model = Flow(cfg, data.shape).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=lr_at(cfg, 0), weight_decay=cfg.weight_decay, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -578,6 +579,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         figures(step)
         log.write(evaluate(model, data, cfg, run, step))
@@ -609,10 +611,10 @@ def check(cfg):
 
 
 def parse(argv=None):
-    """Defaults, PRESETS[dataset], flags; with --flow glow the same from GLOW_PRESETS (ddpm.py's resolve step)."""
-    cfg = common.parse_config(Config, PRESETS, METHOD, argv)
-    if cfg.flow == "glow":
-        cfg = common.parse_config(Config, GLOW_PRESETS, METHOD, argv)
+    """Defaults, PRESETS[dataset], flags; with --flow glow the same from GLOW_PRESETS (also what --help shows)."""
+    args = sys.argv[1:] if argv is None else argv
+    glow = "--flow=glow" in args or any(a == "--flow" and b == "glow" for a, b in zip(args, args[1:]))
+    cfg = common.parse_config(Config, GLOW_PRESETS if glow else PRESETS, METHOD, argv)
     return check(cfg)
 
 

@@ -409,7 +409,7 @@ def evaluate(model, data, cfg, run, step):
     estimates the oracle's true NLL); KL; active units (Cov_x(mu_K) > 0.01). Nats per sequence / image."""
     model.eval()
     nelbo, nelbo_0, kl, log_px, mus = [], [], [], [], []
-    for x in common.test_batches(data, cfg, run.device, 100):
+    for x in common.test_batches(data, cfg, run.device, 100, f"--mode {cfg.mode} bound, importance-sampled NLL (k = {cfg.eval_k})"):
         mu, logvar = model.encode(x)
         log_px_z = model.likelihood(x)
         nelbo_0.append(-elbo(mu, logvar, log_px_z)[0])
@@ -447,7 +447,7 @@ def train(cfg):
         common.Logger(cfg, run, cfg.steps).write(evaluate(model, data, cfg, run, cfg.steps))
         return model
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, params, run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = TokenBatches(data, cfg, run) if data.kind == "sequence" else common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     log = common.Logger(cfg, run, step, update)
@@ -477,6 +477,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_samples(model, cfg, run.out, step, run.device)
         log.write(evaluate(model, data, cfg, run, step))

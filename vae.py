@@ -227,7 +227,7 @@ def evaluate(model, data, cfg, run, step):
     (dimensions with Cov_x(E_q[z_k]) > 0.01). fp32 throughout. Nats for binarized data, else bits/dim."""
     model.eval()
     log_px, nelbo, kl, mus = [], [], [], []
-    for x in common.test_batches(data, cfg, run.device, 100):
+    for x in common.test_batches(data, cfg, run.device, 100, f"importance-sampled NLL (k = {cfg.eval_k}), -ELBO, KL, active units"):
         mu, logvar = model.encode(x)
         log_px.append(log_px_importance(x, mu, logvar, model.log_px_z, cfg.eval_k, chunk=max(1, 4000 // len(x))))
         e, kl_k = elbo(x, mu, logvar, model.log_px_z)
@@ -250,7 +250,7 @@ def train(cfg):
     run = common.setup(cfg, METHOD)
     model = VAE(cfg, data.shape).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, model.parameters(), run, clip=cfg.grad_clip)
+    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
@@ -280,6 +280,7 @@ def train(cfg):
     if run.world > 1:
         common.ddp_check(model, run)
     checkpoint()
+    stop.exit_if_stopped(step)  # after Ctrl-C / SIGTERM: exit 130 / 143, the checkpoint written
     if run.main and step >= cfg.steps:
         save_images(model, fixed, run.out, step)
         log.write(evaluate(model, data, cfg, run, step))

@@ -41,10 +41,20 @@ def write_mnist_like(folder, n_train=512, n_test=128, gz=True):
     return folder
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def fd_cache(tmp_path_factory):
-    """The FD classifiers that tests train are cached in a temporary folder, never in the user's ~/.cache."""
-    os.environ["EXPLICIT_DENSITY_CACHE"] = str(tmp_path_factory.mktemp("fd-cache"))
+    """A --cache-dir for the FD classifiers that tests train: a temporary folder, never the repository's runs/cache."""
+    return str(tmp_path_factory.mktemp("fd-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_untouched():
+    """No test writes into the repository's runs/ (caches, run folders) or ~/.cache/explicit-density."""
+    places = [os.path.join(ROOT, "runs"), os.path.expanduser("~/.cache/explicit-density")]
+    listing = lambda: {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in places}
+    before = listing()
+    yield
+    assert listing() == before, "a test wrote into runs/ or ~/.cache/explicit-density"
 
 
 @pytest.fixture

@@ -346,3 +346,229 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path, fake_fashion):
     assert m and float(m.group(1)) == 0.0, p.stdout
     assert p.stdout.count("step 6/6") == 1  # only rank 0 logs
     assert common.load_checkpoint(str(out / "ckpt.pt"), ("vae",))["step"] == 6
+
+
+# ----------------------------------------------------------------------------- bad inputs and faults
+def test_non_finite_flags_and_missing_explicit_resume_checkpoint(tmp_path):
+    for flag in ("--lr", "--diverge"):
+        for v in ("inf", "nan", "-inf"):
+            msg = error_of(f"{flag}={v}")
+            assert flag in msg and "not a finite number" in msg and "\n" not in msg, msg
+    missing = tmp_path / "nowhere" / "ckpt.pt"
+    msg = error_of("--resume", "--ckpt", str(missing))
+    assert "--resume --ckpt" in msg and "no such checkpoint" in msg and not (tmp_path / "nowhere").exists()
+    assert parse("--resume", "--out", str(tmp_path / "fresh")).resume  # the default <out>/ckpt.pt may be absent
+
+
+def test_help_shows_what_runs_for_the_data_set(capsys):
+    for argv, steps in ((["--help"], "[7, from the fashion-mnist preset; default 10000]"),
+                        (["--dataset", "mnist", "--help"], "[3, from the mnist preset; default 10000]")):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert steps in out and "global batch, split across DDP ranks [128]" in out, out
+    with pytest.raises(SystemExit):
+        parse("--dataset", "moons", "--help")
+    assert "[2, from the toy preset; default 8]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_nan_weights_are_never_saved(tmp_path):
+    cfg = data_cfg(out=str(tmp_path), ckpt=str(tmp_path / "ckpt.pt"))
+    run, model = cpu_run(out=str(tmp_path)), nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match=r"step 1: model.weight is not finite; not saved, .* was never written"):
+        common.save_checkpoint(cfg, run, "m", 1, model=model)
+    assert not os.path.exists(cfg.ckpt)
+    good = nn.Linear(3, 3)
+    common.save_checkpoint(cfg, run, "m", 2, model=good)
+    bn = nn.BatchNorm1d(3)
+    bn.running_var.fill_(float("inf"))
+    with pytest.raises(SystemExit, match="step 3: model.running_var is not finite; .* keeps the last good checkpoint"):
+        common.save_checkpoint(cfg, run, "m", 3, model=bn)
+    opt = torch.optim.Adam(good.parameters())
+    opt.state[good.weight] = {"exp_avg": torch.full((3, 3), float("nan"))}
+    with pytest.raises(SystemExit, match="optimizer.state.0.exp_avg is not finite"):
+        common.save_checkpoint(cfg, run, "m", 4, model=good, optimizer=opt)
+    assert common.load_checkpoint(cfg.ckpt, ("m",))["step"] == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skipped_step_leaves_buffers_as_they_were(fused):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused) if fused else torch.optim.SGD(model.parameters(), lr=0.1)
+    update = common.Update(opt, model, cpu_run())
+    x = torch.randn(8, 3)
+    update(model(x).sum())  # a good step moves the running statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert before["1.num_batches_tracked"] == 1
+    opt.zero_grad()
+    update(model(torch.cat([x[:7], torch.full((1, 3), float("nan"))])).sum())  # the forward pass made them NaN
+    assert update.skipped.item() == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and buffers as they were
+    with torch.no_grad():  # a finite loss whose forward pass left a non-finite buffer is skipped too
+        model[1].momentum = 1.0
+    opt.zero_grad()
+    huge = x * 1e30
+    loss = model(huge).sum()
+    assert torch.isfinite(loss) and not torch.isfinite(model[1].running_var).all()
+    update(loss)
+    assert update.skipped.item() == 2 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_logger_shows_skipped_windows_as_nan_and_warns_of_divergence(tmp_path, capsys):
+    cfg = data_cfg(steps=300, log_every=2, out=str(tmp_path))
+    run = cpu_run(out=str(tmp_path))
+    model = nn.Linear(1, 1)
+    update = common.Update(torch.optim.SGD(model.parameters(), lr=1e-9), model, run, diverge=10.0)
+    log = common.Logger(cfg, run, 0, update)
+    for step, v in enumerate([2.0, 2.0, float("nan"), float("nan")], 1):  # the second window is all skipped steps
+        update((model.weight * 0).sum() + v)
+        log(step, {"loss": torch.tensor(v)})
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step")]
+    assert lines[1].startswith("step 4/300 | loss nan | skipped 2 |"), lines  # never "loss 0"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["loss"] is None  # valid JSON
+    with pytest.raises(SystemExit, match=r"loss stayed above 32 = L_1 \+ 10 \(\|L_1\| \+ 1\), L_1 = 2 the first loss, for 100 steps: diverged"):
+        for step in range(5, 300):  # finite but far above the start: 1e7, as ffjord.py at --lr 1e6
+            update((model.weight * 0).sum() + 1e7)
+            log(step, {"loss": torch.tensor(1e7)})
+    assert step == 102  # 2 skipped + 98 high steps in a row
+    assert "diverging? loss above 32 for 10 steps" in capsys.readouterr().out
+    never = common.Update(torch.optim.SGD(model.parameters(), lr=1e-9), model, run, diverge=0.0)
+    for _ in range(200):
+        never((model.weight * 0).sum() + 1e7)
+    never.check(never.streak.item(), never.high.item())  # --diverge 0: no stop
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "run"):  # --out names a file, or a folder under one
+        with pytest.raises(SystemExit) as e:
+            common.setup(parse("--out", str(out), "--device", "cpu"), "m")
+        assert str(e.value.code).startswith(f"error: could not write {out}/config.json: ") and "\n" not in str(e.value.code)
+    cfg = parse("--out", str(tmp_path / "run"), "--device", "cpu")
+    run = common.setup(cfg, "m")
+    common.save_checkpoint(cfg, run, "m", 1, model=nn.Linear(2, 2))
+    os.symlink("/dev/full", cfg.ckpt + ".tmp")  # the next write lands on a full disk
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(cfg, run, "m", 2, model=nn.Linear(2, 2))
+    assert str(e.value.code).startswith(f"error: could not write {cfg.ckpt}: ") and "\n" not in str(e.value.code), e.value.code
+    assert common.load_checkpoint(cfg.ckpt, ("m",))["step"] == 1 and not os.path.lexists(cfg.ckpt + ".tmp")
+    with pytest.raises(SystemExit, match="could not write .*a_file/x.png"):
+        common.save_grid(torch.rand(4, 1, 8, 8), tmp_path / "a_file" / "x.png")
+
+
+def test_cifar_batches_cannot_run_code(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng, marker = np.random.default_rng(0), tmp_path / "pwned"
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        batch = {b"batch_label": b"x", b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), b"labels": list(np.arange(10) if i % 3 else range(10)),
+                 b"filenames": [b"f.png"] * 10}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2 if i % 2 else 4))  # the archive's protocol 2, and 4
+    data = common.load_data(data_cfg(dataset="cifar10", data_dir=str(tmp_path)))
+    assert data.train.shape == (50, 3, 32, 32) and torch.equal(data.train_labels, torch.arange(10).repeat(5))
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (root / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(SystemExit) as e:
+        common.load_data(data_cfg(dataset="cifar10", data_dir=str(tmp_path)))
+    msg = str(e.value.code)
+    assert not marker.exists() and "data_batch_3: not a CIFAR-10 batch" in msg and "system" in msg and "\n" not in msg, msg
+    (root / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((10, 3072)), b"labels": list(range(10))}))  # float64
+    with pytest.raises(SystemExit, match="data_batch_3: not a CIFAR-10 batch .data must be uint8"):
+        common.load_data(data_cfg(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_corrupt_image_is_skipped_and_named(tmp_path, capsys):
+    for i in range(5):
+        torchvision.utils.save_image(torch.rand(3, 20, 20), str(tmp_path / f"{i}.png"))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    data = common.load_data(data_cfg(dataset=f"folder:{tmp_path}", image_size=8))
+    assert len(data.train) + len(data.test) == 5
+    assert f"skipped 1 unreadable file(s) of 6, e.g. {tmp_path / 'broken.jpg'} (UnidentifiedImageError)" in capsys.readouterr().out
+
+
+def test_batch_size_beyond_memory_is_refused():
+    data = common.load_data(data_cfg(dataset="moons", eval_n=10))
+    with pytest.raises(SystemExit, match="--batch-size 10000000 is too large for toy data; accepted: at most 100000 points"):
+        common.Batches(data, data_cfg(dataset="moons", batch_size=10 ** 7), cpu_run())
+    with pytest.raises(SystemExit, match="--eval-n 100000000: a toy test set holds at most 1000000 points"):
+        common.load_data(data_cfg(dataset="moons", eval_n=10 ** 8))
+    video = common.Data("moving-mnist", "video", (20, 1, 64, 64), torch.zeros(5, 1, 28, 28, dtype=torch.uint8), None)
+    with pytest.raises(SystemExit, match="accepted: at most 6553 videos"):
+        common.Batches(video, data_cfg(dataset="moving-mnist", batch_size=10 ** 5), cpu_run())
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path):
+    class Offline:  # what torchvision's MNIST does without a network: makes root/MNIST/raw, writes part of a file, raises
+        __name__ = "MNIST"
+        def __init__(self, root, download):
+            os.makedirs(f"{root}/MNIST/raw", exist_ok=True)
+            Path(f"{root}/MNIST/raw/train-images-idx3-ubyte.gz").write_bytes(b"partial")
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    Offline.__name__ = "MNIST"
+    for keep in (False, True):
+        root = tmp_path / ("kept" if keep else "new") / "data"
+        if keep:  # a data dir the user already had: only what the download added goes
+            (root / "MNIST").mkdir(parents=True)
+            (root / "MNIST" / "notes.txt").write_text("mine")
+        with pytest.raises(SystemExit, match="the download failed"):
+            common._download(Offline, str(root), "mnist: no files", "--data-dir DIR")
+        assert (sorted(p.name for p in root.rglob("*")) == ["MNIST", "notes.txt"]) if keep else not root.exists()
+
+
+def test_evaluation_and_fd_training_announce_themselves(fake_fashion, capsys):
+    cfg = data_cfg(dataset="fashion-mnist", data_dir=fake_fashion, eval_n=50)
+    data = common.load_data(cfg)
+    assert sum(len(x) for x in common.test_batches(data, cfg, "cpu", 20, "importance-sampled NLL (k = 5)")) == 50
+    assert capsys.readouterr().out == "evaluate: importance-sampled NLL (k = 5): 50 test examples\n"
+    next(common.test_batches(data, cfg, "cpu", 20))  # no label (a fixed batch for figures): silent
+    assert capsys.readouterr().out == ""
+    assert list(common.progress([5, 6, 7], "FD: training", every=0)) == [5, 6, 7]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "FD: training" and re.fullmatch(r"FD: training: 2/3 batches, \d+s, about \d+s left", lines[2]) and len(lines) == 3
+
+
+def test_resume_says_when_steps_changed(tmp_path, capsys):
+    cfg = data_cfg(out=str(tmp_path), ckpt=str(tmp_path / "ckpt.pt"), steps=10)
+    run, model = cpu_run(out=str(tmp_path)), nn.Linear(2, 2)
+    common.save_checkpoint(cfg, run, "m", 10, model=model)
+    cfg.resume, cfg.steps = True, 20
+    assert common.resume(cfg, run, "m", model) == 10
+    assert "--steps 20 differs from the checkpoint run's 10" in capsys.readouterr().out
+
+
+def signalled_run(tmp_path, fake_fashion, signals, steps=100000):
+    """vae.py (tiny) until its first log line, then the given signals; returns (process, stdout, stderr)."""
+    import signal, subprocess, time
+    out = tmp_path / "run"
+    args = [PYTHON, "vae.py", "--data-dir", fake_fashion, "--out", str(out), "--device", "cpu", "--hidden", "16", "--latent", "2",
+            "--batch-size", "8", "--log-every", "1", "--eval-n", "8", "--eval-k", "2", "--steps", str(steps)]
+    p = subprocess.Popen(args, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    while not any(ln.startswith("step 3/") for ln in lines):
+        lines.append(p.stdout.readline())
+        assert lines[-1], "".join(lines) + p.stderr.read()
+    for s in signals:
+        p.send_signal(s)
+        time.sleep(0.01)
+    stdout, stderr = p.communicate(timeout=60)
+    return p, "".join(lines) + stdout, stderr, out
+
+
+def test_signals_stop_with_a_checkpoint_and_the_conventional_status(tmp_path, fake_fashion):
+    import signal
+    p, out, err, run = signalled_run(tmp_path / "int", fake_fashion, [signal.SIGINT])
+    m = re.search(r"stopped at step (\d+): checkpoint (\S+); continue with --resume", out)
+    assert p.returncode == 130 and m and "Traceback" not in err, out + err
+    assert common.load_checkpoint(m.group(2), ("vae",))["step"] == int(m.group(1)) >= 3
+    p, out, err, _ = signalled_run(tmp_path / "term", fake_fashion, [signal.SIGTERM])
+    assert p.returncode == 143 and "stopped at step" in out and "Traceback" not in err, out + err
+    p, out, err, _ = signalled_run(tmp_path / "twice", fake_fashion, [signal.SIGINT, signal.SIGINT])
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, out + err

@@ -125,9 +125,9 @@ def test_a_short_run_lowers_the_loss():
     assert {f"loss_q{i}" for i in range(4)} <= set(terms)
 
 
-def test_command_line_end_to_end(tmp_path, fake_fashion):
+def test_command_line_end_to_end(tmp_path, fake_fashion, fd_cache):
     out, net = tmp_path / "run", ["--channels", "8", "--ch-mult", "1,2", "--res-blocks", "1", "--attn-res", "14", "--T", "20"]
-    args = ["--data-dir", fake_fashion, "--out", str(out), *net, "--batch-size", "8", "--eval-n", "4", "--eval-samples", "4",
+    args = ["--data-dir", fake_fashion, "--out", str(out), "--cache-dir", fd_cache, *net, "--batch-size", "8", "--eval-n", "4", "--eval-samples", "4",
             "--grid", "4", "--log-every", "1", "--device", "cpu", "--steps-sample", "5"]
     p = run_script(PYTHON, "ddim.py", "--steps", "2", *args)
     assert p.returncode == 0 and "step 2/2 | loss" in p.stdout and (out / "samples_2.png").is_file(), p.stdout + p.stderr

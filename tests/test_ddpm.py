@@ -200,9 +200,9 @@ def test_unet_shapes_and_a_short_run_lowers_the_loss():
     assert {f"loss_q{i}" for i in range(4)} <= set(terms)
 
 
-def test_command_line_end_to_end(tmp_path, fake_fashion):
+def test_command_line_end_to_end(tmp_path, fake_fashion, fd_cache):
     out = tmp_path / "run"
-    args = ["--data-dir", fake_fashion, "--out", str(out), "--channels", "8", "--ch-mult", "1,2", "--res-blocks", "1",
+    args = ["--data-dir", fake_fashion, "--out", str(out), "--cache-dir", fd_cache, "--channels", "8", "--ch-mult", "1,2", "--res-blocks", "1",
             "--attn-res", "14", "--T", "20", "--batch-size", "8", "--eval-n", "4", "--eval-samples", "2", "--grid", "4",
             "--log-every", "1", "--device", "cpu", "--improved", "--t-sampling", "importance"]
     p = run_script(PYTHON, "ddpm.py", "--steps", "2", *args)

@@ -42,19 +42,18 @@ def test_frechet_closed_forms():
 
 @pytest.fixture
 def fd_env(tmp_path, monkeypatch):
-    """A fresh cache folder, and no feature net remembered from an earlier test."""
-    monkeypatch.setenv("EXPLICIT_DENSITY_CACHE", str(tmp_path / "cache"))
+    """A fresh --cache-dir, and no feature net remembered from an earlier test."""
     monkeypatch.setattr(common, "_FD_NETS", {})
     return tmp_path / "cache"
 
 
-def setup_fashion(data_dir, **kw):
-    cfg = common.TrainConfig(dataset="fashion-mnist", data_dir=data_dir, device="cpu", **kw)
+def setup_fashion(data_dir, cache, **kw):
+    cfg = common.TrainConfig(dataset="fashion-mnist", data_dir=data_dir, device="cpu", cache_dir=str(cache), **kw)
     return cfg, common.load_data(cfg), common.setup(cfg, "fd", train=False)
 
 
 def test_fd_grows_with_corruption(fake_fashion, fd_env):
-    cfg, data, run = setup_fashion(fake_fashion)
+    cfg, data, run = setup_fashion(fake_fashion, fd_env)
     real_test, held_out = data.test.float() / 255, data.train[:len(data.test)].float() / 255  # same distribution
     bad = [(held_out + 0.3 * torch.randn_like(held_out)).clamp(0, 1), torch.rand_like(held_out), torch.zeros_like(held_out)]
     rng = torch.get_rng_state()
@@ -77,10 +76,12 @@ def test_fd_cache_reused_and_corrupt_file_replaced(fake_fashion, fd_env, tmp_pat
         os.chmod(os.path.join(ro, f), 0o444)
     os.chmod(ro, 0o555)
     try:
-        cfg, data, run = setup_fashion(ro)
+        cfg, data, run = setup_fashion(ro, fd_env)
         x = data.train[:len(data.test)].float() / 255
         first = common.frechet_distance(x, data, cfg, run)
-        assert "classifier trained" in capsys.readouterr().out and sorted(os.listdir(ro)) == sorted(os.listdir(fake_fashion))
+        out = capsys.readouterr().out  # announced as what it is, with the cache path; not as an error
+        assert "FD: training its feature classifier once for fashion-mnist (2 epochs of 512 images, 8 batches; cached in " in out
+        assert "classifier trained" in out and "Error" not in out and sorted(os.listdir(ro)) == sorted(os.listdir(fake_fashion))
         path, = fd_env.glob("fd-v1-fashion-mnist-1x28x28-*.pt")
         saved, mtime = torch.load(path, weights_only=True), path.stat().st_mtime_ns
         assert 0 <= saved["accuracy"] <= 1 and all(torch.is_tensor(v) for v in saved["net"].values())
@@ -95,7 +96,7 @@ def test_fd_cache_reused_and_corrupt_file_replaced(fake_fashion, fd_env, tmp_pat
             assert "classifier trained" in capsys.readouterr().out
             assert set(torch.load(path, weights_only=True)["net"]) == set(saved["net"])
         (tmp_path / "file").write_text("")  # an unwritable cache folder: FD still computed, the net not cached
-        monkeypatch.setenv("EXPLICIT_DENSITY_CACHE", str(tmp_path / "file" / "cache"))
+        cfg.cache_dir = str(tmp_path / "file" / "cache")
         common._FD_NETS.clear()
         assert common.frechet_distance(x, data, cfg, run) == pytest.approx(first, rel=1e-6)
         assert "classifier not cached" in capsys.readouterr().out
@@ -105,7 +106,7 @@ def test_fd_cache_reused_and_corrupt_file_replaced(fake_fashion, fd_env, tmp_pat
 
 def test_fid_inception_flag_and_offline_error(fake_fashion, fd_env, monkeypatch):
     assert common.parse_config(common.TrainConfig, {}, "m", argv=["--fid-inception"]).fid_inception
-    cfg, data, run = setup_fashion(fake_fashion, fid_inception=True)
+    cfg, data, run = setup_fashion(fake_fashion, fd_env, fid_inception=True)
     assert common.fd_label(cfg) == "FD (torchvision Inception-v3; not the TF-Inception FID of papers)"
     def offline(**kw):  # what torchvision's download raises without a network
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
