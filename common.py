@@ -106,12 +106,18 @@ def parse_config(cls, presets, method, argv=None, accept=(), own_sets=()):
     cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if cfg.resume and "ckpt" in given and not os.path.isfile(cfg.ckpt):  # only the default <out>/ckpt.pt may be absent
         fail(f"--resume --ckpt {cfg.ckpt}: no such checkpoint (without --ckpt, --resume starts at step 0 when <out>/ckpt.pt is absent)")
+    _check(cfg)
     if cfg.eval or cfg.sample:  # rebuild the trained run's config from its checkpoint
         saved = load_checkpoint(cfg.ckpt, (method,) + tuple(accept))["config"]
         cfg = cls()
         _apply(cfg, {k: v for k, v in saved.items() if hasattr(cfg, k)}, "checkpoint")
         _apply(cfg, given, "flags")
-    minimum = dict(steps=1, batch_size=1, log_every=1, eval_every=0, sample_every=0, ckpt_every=0, eval_n=0, sample=0)
+        _check(cfg)
+    return cfg
+
+def _check(cfg):  # one line for the first value out of range
+    minimum = dict(steps=1, batch_size=1, log_every=1, eval_every=0, sample_every=0, ckpt_every=0, eval_n=0, sample=0, image_size=1,
+                   frames=1, frame_size=1)
     for f in dataclasses.fields(cfg):
         v, flag, opts = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata.get("choices")
         if opts and v not in opts:
@@ -126,7 +132,6 @@ def parse_config(cls, presets, method, argv=None, accept=(), own_sets=()):
         fail(f"--diverge {cfg.diverge} out of range; accepted: >= 0 (0 = never stop for a rising loss)")
     if cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.dataset[7:]):
         fail(f"--dataset {cfg.dataset}: no such folder")
-    return cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -153,15 +158,13 @@ def _download(dataset_cls, data_dir, missing, offline):
     """torchvision's download into data_dir; a failed one removes what it created (data_dir/<Class>/raw/..., archives)."""
     root = Path(data_dir)
     listing = lambda: ({*root.iterdir(), *root.joinpath(dataset_cls.__name__).rglob("*")} if root.is_dir() else set())
-    before, existed = listing(), root.exists()
+    before, top = listing(), next((q for q in reversed([root, *root.absolute().parents]) if not q.exists()), None)  # top: made by it
     try:
         dataset_cls(data_dir, download=True)
     except Exception as e:
-        for q in sorted(listing() - before, key=lambda q: -len(q.parts)):  # the deepest first
+        for q in sorted(listing() - before, key=lambda q: -len(q.parts)) if top is None else [top]:  # the deepest first
             shutil.rmtree(q, ignore_errors=True) if q.is_dir() and not q.is_symlink() else q.unlink(missing_ok=True)
-        if not existed:
-            shutil.rmtree(root, ignore_errors=True)
-        fail(f"{missing} and the download failed ({type(e).__name__}); offline: {offline}")
+        fail(f"{missing} and the download failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}); offline: {offline}")
 
 def _mnist_like(name, data_dir):
     """--data-dir, then <data-dir>/<MNIST|FashionMNIST>/raw, then (Fashion) Debian's files, then download."""
@@ -436,14 +439,14 @@ class Stop:
     """Ctrl-C/SIGTERM: stop after this step and save; a 2nd signal exits at once (the last checkpoint stays). DDP ranks
     agree at log steps. After the final checkpoint, exit_if_stopped exits with 128 + the signal (130, 143)."""
     def __init__(self, run, cfg):
-        self.run, self.cfg, self.signum, self.stopped, self.old = run, cfg, 0, False, {}
+        self.run, self.cfg, self.signum, self.stopped, self.exiting, self.old = run, cfg, 0, False, False, {}
     def __enter__(self):
         self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
     def _handle(self, signum, frame):
         if self.signum:  # the second signal
             self.run.print(f"\nsignal {signum} again: exiting now; the last checkpoint {self.cfg.ckpt} is kept")
-            if self.stopped == "saved":  # already exiting (interpreter teardown): at once
+            if self.exiting:  # the checkpoint is written and the interpreter is tearing down: at once
                 os._exit(128 + signum)
             raise SystemExit(128 + signum)  # (an interrupted checkpoint write removes its temporary file)
         self.signum = signum
@@ -461,7 +464,7 @@ class Stop:
         return self.stopped
     def exit_if_stopped(self, step):
         if self.stopped:
-            self.stopped = "saved"
+            self.exiting = True
             self.run.print(f"stopped at step {step}: checkpoint {self.cfg.ckpt}; continue with --resume")
             raise SystemExit(128 + self.signum)
 
@@ -482,7 +485,8 @@ class Update:
     def bound(self):  # the loss above which training counts as diverging
         return self.first + self.diverge * (self.first.abs() + 1)
     def __call__(self, loss):
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if loss.requires_grad or torch.isfinite(loss).item():  # (a non-finite loss without a graph, e.g. a failed solve: skipped)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.opt)
         norm = nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
@@ -559,6 +563,8 @@ class Logger:
     def flush(self, step):
         u = self.update
         extra = torch.stack([u.skipped, u.streak, u.high, u.bound()]) if u else self.sum[:0]
+        if u and self.run.world > 1:  # DDP ranks see different losses: all take the same decision in check()
+            dist.all_reduce(extra, op=dist.ReduceOp.MAX)
         mean = torch.where(self.count > 0, self.sum / self.count.clamp_min(1), math.nan)  # all skipped: nan, never 0
         vals = torch.cat([mean, extra]).tolist()  # the one sync per log line
         now = time.time()
@@ -570,7 +576,7 @@ class Logger:
             skipped, streak, high, bound = vals[-4:]
             rec["skipped"] = int(skipped)
             line += f" | skipped {int(skipped)}" if skipped else ""
-            line += f" | diverging? loss above {bound:.4g} for {int(high)} steps" if high >= 10 else ""
+            line += f" | diverging? loss above {bound:.4g} (or skipped) for {int(high)} steps" if high >= 10 else ""
         eta = (self.cfg.steps - step) / max(its, 1e-9)
         self.run.print(f"{line} | {its:.1f} it/s | eta " + (f"{eta / 3600:.1f}h" if eta > 5400 else f"{eta / 60:.0f}m"))
         self.write(rec, echo=False)

@@ -126,7 +126,7 @@ PRESETS = {
     "toy": dict(flow="realnvp", depth=8, channels=64, blocks=2, steps=2000, batch_size=256, lr=1e-3, log_every=200,
                 ckpt_every=1000),
 }
-GLOW_PRESETS = {  # --flow glow: parse_config is run again with these (explicit flags still win)
+GLOW_PRESETS = {  # --flow glow: parse_config takes these instead of PRESETS (explicit flags still win)
     "fashion-mnist": dict(flow="glow", scales=2, depth=4, channels=64, logit=True, alpha=1e-6, steps=2500, batch_size=64, lr=1e-3,
                           warmup=100, log_every=100, ckpt_every=500, eval_n=2000),
     "mnist": dict(flow="glow", scales=2, depth=16, channels=256, logit=False, steps=100_000, batch_size=64, lr=1e-3,
