@@ -290,3 +290,12 @@ def test_glow_flag_selects_glows_preset_and_flags_still_win():
     assert realnvp.parse(["--dataset", "cifar10", "--flow", "glow", "--depth", "4"]).depth == 4
     with pytest.raises(SystemExit, match="divisible by 8"):
         realnvp.Flow(realnvp.parse(["--scales", "4"]), (1, 28, 28))
+    assert realnvp.parse(["--dataset", "cifar10", "--flow=glow"]).depth == 32
+
+
+def test_help_shows_the_flows_preset(capsys):
+    for argv, steps in ((["--flow", "glow"], "[2500, from the fashion-mnist preset; default 10000]"),
+                        ([], "[1500, from the fashion-mnist preset; default 10000]")):
+        with pytest.raises(SystemExit):
+            realnvp.parse(argv + ["--help"])
+        assert steps in " ".join(capsys.readouterr().out.split())
