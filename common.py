@@ -530,12 +530,15 @@ class Update:
             self.scaler.load_state_dict(s["scaler"])
 
 class EMA:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta after every step; buffers are copied."""
-    def __init__(self, model, decay):
-        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
+    """theta_ema <- d theta_ema + (1 - d) theta after update t = 1, 2, ..., d = min(decay, (1 + t) / (10 + t)) (the
+    warm-up of TF's ExponentialMovingAverage, as score_sde's ema.py: the initial weights fade within a few hundred
+    steps instead of ~5 / (1 - decay)), or d = decay throughout with warmup=False; buffers are copied."""
+    def __init__(self, model, decay, warmup=True):
+        self.decay, self.warmup, self.model = decay, warmup, copy.deepcopy(model).eval().requires_grad_(False)
     @torch.no_grad()
-    def update(self, model):
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - self.decay)
+    def update(self, model, t):
+        d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
     def state_dict(self):

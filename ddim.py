@@ -105,6 +105,7 @@ class Config(common.TrainConfig):
     warmup: int = 5000  # steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
     ema: float = 0.9999  # EMA decay of the weights used by evaluate and sample
+    ema_warmup: bool = True  # EMA decay min(ema, (1 + t) / (10 + t)) at step t (ours; Ho's and Nichol's code: ema from step 1)
     hflip: bool = True  # random horizontal flips of training images
     use_ema: bool = True  # --eval / --sample / --table with the EMA weights (--no-use-ema: the raw weights)
     grid: int = 64  # samples in each samples_<step>.png
@@ -154,13 +155,21 @@ def floats(s):
 
 # ----------------------------------------------------------------------------- schedules
 class Schedule(nn.Module):
-    """alpha_bar_t for t = 0..T (alpha_bar_0 = 1: x_0 itself), computed in fp64, stored in dtype."""
+    """alpha_bar_t and the constants derived from it for t = 0..T (alpha_bar_0 = 1: x_0 itself), computed in fp64,
+    stored in dtype; the samplers use only these (no 1 - alpha_bar from a stored alpha_bar near 1)."""
 
     def __init__(self, betas, dtype=torch.float32):
         super().__init__()
         self.T = len(betas)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas.double(), 0)])
-        self.register_buffer("alpha_bar", alpha_bar.to(dtype), persistent=False)
+        reg = lambda name, v: self.register_buffer(name, v.to(dtype), persistent=False)
+        reg("alpha_bar", alpha_bar)
+        reg("log_alpha_bar", alpha_bar.log())  # log alpha_bar_t (pairs: 1 - a_t / a_s = -expm1(log a_t - log a_s))
+        reg("one_minus_alpha_bar", 1 - alpha_bar)  # 1 - alpha_bar_t
+        reg("sqrt_alpha_bar", alpha_bar.sqrt())  # sqrt(alpha_bar_t)
+        reg("sqrt_one_minus_alpha_bar", (1 - alpha_bar).sqrt())  # sqrt(1 - alpha_bar_t)
+        reg("sqrt_recip_alpha_bar", alpha_bar.rsqrt())  # 1 / sqrt(alpha_bar_t)
+        reg("sqrt_recipm1_alpha_bar", ((1 - alpha_bar) / alpha_bar).sqrt())  # sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t)
 
 
 def make_schedule(cfg, dtype=torch.float32):
@@ -173,10 +182,14 @@ def make_schedule(cfg, dtype=torch.float32):
 
 # DDIM sec. 4.2 / appendix D.2: the sub-sequence tau of 1..T
 def make_tau(T, S, kind):
-    """(S,) increasing timesteps in 1..T: uniform (i T/S + 1) or quadratic, duplicates removed (official code)."""
+    """(S,) increasing timesteps in 1..T: uniform (i T/S + 1) or quadratic (duplicates removed: len(tau) <= S)."""
+    i = torch.arange(S)
     if kind == "uniform":
-        return torch.arange(S) * (T // S) + 1
-    return torch.unique((torch.linspace(0, math.sqrt(0.8 * T), S, dtype=torch.float64) ** 2).long()) + 1
+        return i * (T // S) + 1
+    # tau_i = floor((i sqrt(0.8 T) / (S - 1))^2) + 1 = floor(4 T i^2 / (5 (S - 1)^2)) + 1, i = 0..S-1, in exact integers.
+    # The official code (0-based t) takes int() of the float squares of np.linspace(0, sqrt(0.8 T), S): one step low at
+    # exact squares (T = 1000, S = 16: 31 and 127 for 32 and 128; 95 of S = 2..1000 differ), and it keeps duplicates.
+    return torch.unique(4 * T * i ** 2 // (5 * max(S - 1, 1) ** 2)) + 1
 
 
 # ----------------------------------------------------------------------------- networks (ddpm.py's U-Net)
@@ -285,7 +298,7 @@ def at(v, t):  # a schedule vector at t (B,), shaped to broadcast over (B, C, H,
 
 # slide "DDIM", marginal: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
 def q_sample(sched, x0, t, eps):
-    return at(sched.alpha_bar, t).sqrt() * x0 + (1 - at(sched.alpha_bar, t)).sqrt() * eps
+    return at(sched.sqrt_alpha_bar, t) * x0 + at(sched.sqrt_one_minus_alpha_bar, t) * eps
 
 
 # slide "DDPM", Algorithm 1: L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 - the objective DDIM keeps
@@ -308,16 +321,16 @@ def loss_simple(net, sched, x):
 
 # slide "DDIM": f_theta(x_t) = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t)) / sqrt(alpha_bar_t), the predicted x_0
 def predict_x0(sched, x_t, eps, t):
-    return (x_t - (1 - at(sched.alpha_bar, t)).sqrt() * eps) / at(sched.alpha_bar, t).sqrt()
+    return at(sched.sqrt_recip_alpha_bar, t) * x_t - at(sched.sqrt_recipm1_alpha_bar, t) * eps
 
 
 # slide "DDIM": sigma_{tau_i}(eta) = eta sqrt((1 - a_{tau_{i-1}}) / (1 - a_{tau_i})) sqrt(1 - a_{tau_i} / a_{tau_{i-1}}),
 # where the slide's (and the DDIM paper's) a_t is DDPM's alpha_bar_t, not DDPM's alpha_t
 def ddim_sigma(sched, t, s, eta):
-    a_t, a_s = at(sched.alpha_bar, t), at(sched.alpha_bar, s)
     if eta == 0:  # DDIM (also keeps encode's first step, from alpha_bar_0 = 1, free of 0/0)
-        return torch.zeros_like(a_t)
-    return eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp_min(0).sqrt()
+        return torch.zeros_like(at(sched.alpha_bar, t))
+    one_minus_ratio = -torch.expm1(at(sched.log_alpha_bar, t) - at(sched.log_alpha_bar, s))  # 1 - a_t / a_s
+    return eta * (at(sched.one_minus_alpha_bar, s) / at(sched.one_minus_alpha_bar, t) * one_minus_ratio).clamp_min(0).sqrt()
 
 
 # slide "DDIM": x_s = sqrt(a_s) f_theta(x_t) + sqrt(1 - a_s - sigma^2) eps_theta(x_t) + sigma eps, s = the previous tau
@@ -325,8 +338,8 @@ def ddim_step(sched, x_t, eps, t, s, eta, noise):
     """One step of the generative process from timestep t to s < t (s = 0: x_0, where sigma = 0)."""
     sigma = ddim_sigma(sched, t, s, eta)
     x0 = predict_x0(sched, x_t, eps, t)  # "predicted x_0"
-    direction = (1 - at(sched.alpha_bar, s) - sigma ** 2).clamp_min(0).sqrt() * eps  # "direction pointing to x_t"
-    return at(sched.alpha_bar, s).sqrt() * x0 + direction + sigma * noise  # + "random noise"
+    direction = (at(sched.one_minus_alpha_bar, s) - sigma ** 2).clamp_min(0).sqrt() * eps  # "direction pointing to x_t"
+    return at(sched.sqrt_alpha_bar, s) * x0 + direction + sigma * noise  # + "random noise"
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -434,7 +447,7 @@ def train(cfg):
     model = UNet(cfg, data.shape).to(run.device)
     if run.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    ema = common.EMA(model, cfg.ema)
+    ema = common.EMA(model, cfg.ema, cfg.ema_warmup)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
     update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run, hflip=cfg.hflip)
@@ -460,7 +473,7 @@ def train(cfg):
                 loss, terms = loss_simple(net, sched, x)
             opt.zero_grad(set_to_none=True)
             update(loss)
-            ema.update(model)
+            ema.update(model, step + 1)  # update t = step + 1 (decay warm-up)
             step += 1
             log(step, terms)
             if run.main and common.every(step, cfg.eval_every) and step < cfg.steps:

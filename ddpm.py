@@ -26,6 +26,8 @@ so the bound is a discrete NLL in bits/dim with no offset. `--t-sampling importa
 sqrt(E[loss^2]) over the last 10 per-example training losses at each t (the official code records the whole loss;
 uniform until every t has 10), the loss weighted by 1/(T p_t).
 `--sample-steps S` respaces sampling onto S of the T steps: beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}.
+Precision: every schedule constant is computed in fp64 and stored (as the official code), and L_t's KL is written
+without fp32 cancellation (vlb_term; the official code subtracts two fp32 means): fp32 L_t within 4e-6 of fp64.
 Sampling is Algorithm 2, with no noise at the last step; evaluate and sample use the EMA weights.
 
 `--improved` changes exactly three things: cosine schedule, learned variance (2C output channels) and L_hybrid.
@@ -88,11 +90,12 @@ class Config(common.TrainConfig):
     warmup: int = 5000  # steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
     ema: float = 0.9999  # EMA decay of the weights used by evaluate and sample
+    ema_warmup: bool = True  # EMA decay min(ema, (1 + t) / (10 + t)) at step t (ours; Ho's and Nichol's code: ema from step 1)
     hflip: bool = True  # random horizontal flips of training images
     sample_steps: int = 0  # sampling steps S (respaced; 0 = all T)
     clip_x0: bool = False  # sampling: clip the predicted x_0 to [-1, 1] (the official samplers do)
     grid: int = 64  # samples in each samples_<step>.png
-    eval_samples: int = 64  # samples drawn by evaluate to time the sampler (and for the FD hook)
+    eval_samples: int = 64  # samples drawn by evaluate (images/s, FD)
     eval_batch: int = 500  # network inputs per batch in evaluate (test images x timesteps)
 
 
@@ -130,7 +133,9 @@ def ints(s):
 
 # ----------------------------------------------------------------------------- schedules
 class Schedule(nn.Module):
-    """Every constant of the forward process, index t = 0..T (index 0: x_0 itself, alpha_bar_0 = 1).
+    """Every constant of the forward process, index t = 0..T (index 0: x_0 itself, alpha_bar_0 = 1), computed in fp64
+    and stored in dtype; the objective and samplers use only these (no 1 - alpha_bar from a stored alpha_bar near 1).
+    `betas64` and `alpha_bar64` stay fp64 on the CPU (not buffers): respacing starts from them.
     `steps` are the network's timesteps of each index (respacing keeps the original t the network was trained on)."""
 
     def __init__(self, betas, steps=None, dtype=torch.float32):
@@ -140,21 +145,31 @@ class Schedule(nn.Module):
         reg = lambda name, v: self.register_buffer(name, v.to(dtype) if name != "steps" else v, persistent=False)
         alpha_bar = torch.cumprod(1 - betas, 0)  # alpha_bar_t = prod_{s<=t} (1 - beta_s)
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # alpha_bar_{t-1}
-        beta_tilde = (1 - prev) / (1 - alpha_bar).clamp_min(1e-20) * betas  # beta_tilde_t = (1-alpha_bar_{t-1})/(1-alpha_bar_t) beta_t
+        one_minus, div = 1 - alpha_bar, (1 - alpha_bar).clamp_min(1e-20)  # 1 - alpha_bar_t, and as a divisor (index 0: 0)
+        beta_tilde = (1 - prev) / div * betas  # beta_tilde_t = (1-alpha_bar_{t-1})/(1-alpha_bar_t) beta_t
         beta_tilde[0] = 0
         first = beta_tilde[2] if T > 1 else betas[1]  # beta_tilde_1 = 0: its log is replaced by log beta_tilde_2 (official code)
         reg("betas", betas)
         reg("alphas", 1 - betas)  # alpha_t = 1 - beta_t
         reg("alpha_bar", alpha_bar)
         reg("alpha_bar_prev", prev)
+        reg("sqrt_alpha_bar", alpha_bar.sqrt())  # sqrt(alpha_bar_t)
+        reg("sqrt_one_minus_alpha_bar", one_minus.sqrt())  # sqrt(1 - alpha_bar_t)
+        reg("log_one_minus_alpha_bar", div.log())  # log(1 - alpha_bar_t)
+        reg("sqrt_recip_alpha_bar", alpha_bar.rsqrt())  # 1 / sqrt(alpha_bar_t)
+        reg("sqrt_recipm1_alpha_bar", (one_minus / alpha_bar).sqrt())  # sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t)
+        reg("sqrt_recip_alphas", (1 - betas).rsqrt())  # 1 / sqrt(alpha_t)
+        reg("coef_eps", betas / div.sqrt())  # beta_t / sqrt(1 - alpha_bar_t)
         reg("beta_tilde", beta_tilde)
-        reg("log_beta_tilde", torch.cat([beta_tilde[:1], first[None], beta_tilde[2:]]).clamp_min(1e-20).log())
-        reg("log_beta", betas.clamp_min(1e-20).log())
+        log_beta, log_beta_tilde = betas.clamp_min(1e-20).log(), torch.cat([beta_tilde[:1], first[None], beta_tilde[2:]]).clamp_min(1e-20).log()
+        reg("log_beta_tilde", log_beta_tilde)
+        reg("log_beta", log_beta)
         reg("log_beta_fixed", torch.cat([betas[:1], first[None], betas[2:]]).clamp_min(1e-20).log())  # Ho: "fixedlarge"
-        reg("coef_x0", prev.sqrt() * betas / (1 - alpha_bar).clamp_min(1e-20))  # sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
-        reg("coef_xt", (1 - betas).sqrt() * (1 - prev) / (1 - alpha_bar).clamp_min(1e-20))  # sqrt(alpha_t)(1-alpha_bar_{t-1})/(1-alpha_bar_t)
+        reg("log_beta_over_beta_tilde", log_beta - log_beta_tilde)  # log(beta_t / beta_tilde_t)
+        reg("coef_x0", prev.sqrt() * betas / div)  # sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
+        reg("coef_xt", (1 - betas).sqrt() * (1 - prev) / div)  # sqrt(alpha_t)(1-alpha_bar_{t-1})/(1-alpha_bar_t)
         reg("steps", torch.arange(T + 1) if steps is None else torch.cat([torch.zeros(1, dtype=torch.long), steps]))
-        self.T = T
+        self.T, self.betas64, self.alpha_bar64 = T, betas, alpha_bar
 
 
 def linear_betas(T, beta_1, beta_T):
@@ -175,10 +190,10 @@ def make_schedule(cfg):
 
 def respace(sched, S):
     """Improved DDPM sec. 4: S of the T steps, evenly spaced and ending at T; new betas from alpha_bar on the
-    sub-sequence, beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} (alpha_bar_{t_0} = 1)."""
+    sub-sequence, beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} (alpha_bar_{t_0} = 1), in fp64."""
     T = sched.T
     t = torch.linspace(1, T, S, dtype=torch.float64).round().long() if S > 1 else torch.tensor([T])
-    ab = sched.alpha_bar.double().cpu()[t]
+    ab = sched.alpha_bar64[t]  # fp64, not the stored buffer
     betas = 1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
     return Schedule(betas, steps=t, dtype=sched.alpha_bar.dtype).to(sched.alpha_bar.device)
 
@@ -288,7 +303,7 @@ def at(v, t):  # a schedule vector at t (B,), shaped to broadcast over (B, C, H,
 
 # slide "DDPM": x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, a sample of q(x_t|x_0)
 def q_sample(sched, x0, t, eps):
-    return at(sched.alpha_bar, t).sqrt() * x0 + (1 - at(sched.alpha_bar, t)).sqrt() * eps
+    return at(sched.sqrt_alpha_bar, t) * x0 + at(sched.sqrt_one_minus_alpha_bar, t) * eps
 
 
 # slide "DDPM", Bayes: q(x_{t-1}|x_t, x_0) = N(mu_tilde_t(x_t, x_0), beta_tilde_t I)
@@ -303,13 +318,14 @@ def p_mean_variance(sched, out, x_t, t, sigma, clip_x0=False):
     out, C = out.to(torch.promote_types(out.dtype, torch.float32)), x_t.shape[1]  # >= fp32 (autocast gives bf16)
     eps = out[:, :C]
     if clip_x0:  # the same mean, written through the clipped x_0 prediction: mu_tilde(x_t, clip(x0_hat))
-        x0 = ((x_t - (1 - at(sched.alpha_bar, t)).sqrt() * eps) / at(sched.alpha_bar, t).sqrt()).clamp(-1, 1)
+        # x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t)
+        x0 = (at(sched.sqrt_recip_alpha_bar, t) * x_t - at(sched.sqrt_recipm1_alpha_bar, t) * eps).clamp(-1, 1)
         mean = q_posterior(sched, x0, x_t, t)[0]
     else:
-        mean = (x_t - at(sched.betas, t) / (1 - at(sched.alpha_bar, t)).sqrt() * eps) / at(sched.alphas, t).sqrt()
+        mean = at(sched.sqrt_recip_alphas, t) * (x_t - at(sched.coef_eps, t) * eps)
     if sigma == "learned":
-        v = (out[:, C:] + 1) / 2
-        log_var = v * at(sched.log_beta, t) + (1 - v) * at(sched.log_beta_tilde, t)
+        v = (out[:, C:] + 1) / 2  # log_var = v log beta_t + (1 - v) log beta_tilde_t, as a difference from log beta_tilde_t
+        log_var = at(sched.log_beta_tilde, t) + v * at(sched.log_beta_over_beta_tilde, t)
     else:
         log_var = at(sched.log_beta_fixed if sigma == "beta" else sched.log_beta_tilde, t).expand_as(mean)
     return mean, log_var
@@ -337,10 +353,18 @@ def decoder_nll(x0, mean, log_var):
 
 # slide "DDPM", L_vlb: L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p_theta(x_{t-1}|x_t)) for t > 1, L_0 = -log p(x_0|x_1)
 def vlb_term(sched, out, x0, x_t, t, sigma):
-    """(B,) L_{t-1} in bits/dim at each example's t."""
+    """(B,) L_{t-1} in bits/dim at each example's t. The KL is normal_kl(mu_tilde, log beta_tilde_t, mu_theta, log sigma_t^2)
+    written without fp32 cancellation (the two means, and the two log-variances, differ by far less than their size):
+    mu_theta - mu_tilde = -beta_t / (sqrt(alpha_t) sqrt(1 - alpha_bar_t)) (eps_theta - eps), eps the noise in x_t
+    (mu_theta at the true eps is mu_tilde), and log sigma_t^2 - log beta_tilde_t = w log(beta_t / beta_tilde_t),
+    w = 1 (beta), 0 (beta_tilde), v (learned)."""
     mean, log_var = p_mean_variance(sched, out, x_t, t, sigma)
-    mu_tilde, beta_tilde = q_posterior(sched, x0, x_t, t)
-    kl = normal_kl(mu_tilde, beta_tilde.clamp_min(1e-20).log(), mean, log_var)
+    out, C = out.to(torch.promote_types(out.dtype, torch.float32)), x_t.shape[1]
+    eps = (x_t - at(sched.sqrt_alpha_bar, t) * x0) / at(sched.sqrt_one_minus_alpha_bar, t)  # from q_sample's equation
+    d_mu = at(sched.sqrt_recip_alphas, t) * at(sched.coef_eps, t) * (out[:, :C] - eps)  # mu_tilde - mu_theta (squared below)
+    w = (out[:, C:] + 1) / 2 if sigma == "learned" else float(sigma == "beta")
+    r = w * at(sched.log_beta_over_beta_tilde, t)  # log sigma_t^2 - log beta_tilde_t (t > 1)
+    kl = 0.5 * (torch.expm1(-r) + r + d_mu ** 2 * torch.exp(-log_var))  # (r - 1 + e^-r + (mu_theta - mu_tilde)^2/sigma^2)/2
     nll = torch.where((t == 1)[:, None, None, None], decoder_nll(x0, mean, log_var), kl)
     return nll.flatten(1).mean(1) / math.log(2)
 
@@ -348,8 +372,8 @@ def vlb_term(sched, out, x0, x_t, t, sigma):
 # slide "DDPM", L_T = KL(q(x_T|x_0) || N(0, I)) (no parameters)
 def prior_kl(sched, x0):
     T = torch.full((len(x0),), sched.T, device=x0.device)
-    mean, var = at(sched.alpha_bar, T).sqrt() * x0, 1 - at(sched.alpha_bar, T)
-    return normal_kl(mean, var.log(), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
+    mean, log_var = at(sched.sqrt_alpha_bar, T) * x0, at(sched.log_one_minus_alpha_bar, T)  # q(x_T|x_0)
+    return normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
 
 
 class TSampler(nn.Module):
@@ -376,10 +400,17 @@ class TSampler(nn.Module):
         return t + 1, 1 / (self.T * p[t])
 
     @torch.no_grad()
-    def update(self, t, loss):  # each t's newest loss goes into its ring of 10 (ties in a batch: one of them wins)
+    def update(self, t, loss):
+        """Every loss goes into its t's ring of the last 10: a t drawn k times in the batch fills k consecutive slots
+        (k > 10: the last 10 of them, in batch order), vectorised, no host sync."""
         if self.importance:
-            i = t - 1
-            self.losses[i, self.count[i] % self.losses.shape[1]] = loss.float()
+            H, order = self.losses.shape[1], torch.argsort(t, stable=True)
+            i, loss = t[order] - 1, loss[order].float()  # (B,) sorted by t, ties in batch order
+            pos = torch.arange(len(i), device=i.device)
+            first, end = torch.searchsorted(i, i), torch.searchsorted(i, i, right=True)  # each t's run [first, end)
+            rank = pos - first  # 0, 1, ... within the run: slot count + rank
+            newest = end - 1 - (end - 1 - pos) % H  # the last loss of the run that lands in the same slot
+            self.losses[i, (self.count[i] + rank) % H] = loss[newest]  # repeated slots all write the same value
             self.count.index_add_(0, i, torch.ones_like(i))
 
 
@@ -464,9 +495,7 @@ def evaluate(model, data, cfg, run, step):
         x = sample(model, s_sched, data.shape, cfg.eval_samples, cfg.sigma, cfg.clip_x0, run.device)
         x.sum().item()  # wait for the device
         extras.update(nfe=s_sched.T, images_per_s=cfg.eval_samples / (time.time() - t0))
-        if hasattr(common, "frechet_distance"):  # hook: sample quality, when common provides it
-            label = common.fd_label(cfg) if hasattr(common, "fd_label") else "FD (classifier features)"
-            extras.update(fd=common.frechet_distance(x, data, cfg, run), fd_kind=label)
+        extras.update(fd=common.frechet_distance(x, data, cfg, run), fd_kind=common.fd_label(cfg))
     model.train()
     return common.eval_record(step, prior + sum_L + dec, "bpd", "bound", len(torch.cat(parts)), **extras)
 
@@ -481,7 +510,7 @@ def train(cfg):
     model = UNet(cfg, data.shape).to(run.device)
     if run.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    ema, t_sampler = common.EMA(model, cfg.ema), TSampler(cfg.T, cfg.t_sampling == "importance").to(run.device)
+    ema, t_sampler = common.EMA(model, cfg.ema, cfg.ema_warmup), TSampler(cfg.T, cfg.t_sampling == "importance").to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
     update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run, hflip=cfg.hflip)
@@ -508,7 +537,7 @@ def train(cfg):
                 loss, terms = loss_fn(net, sched, x, cfg, t_sampler)
             opt.zero_grad(set_to_none=True)
             update(loss)
-            ema.update(model)
+            ema.update(model, step + 1)  # update t = step + 1 (decay warm-up)
             step += 1
             log(step, terms)
             if run.main and common.every(step, cfg.eval_every) and step < cfg.steps:

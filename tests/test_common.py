@@ -304,14 +304,23 @@ def test_update_skips_non_finite_steps(fused):
         update(torch.tensor(1.0))
 
 
-def test_ema_is_the_exponential_average():
+def test_ema_is_the_exponential_average_with_a_decay_warm_up():
     model = nn.Linear(2, 2)
-    ema = common.EMA(model, 0.9)
-    old = ema.model.weight.clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
-    assert torch.allclose(ema.model.weight, 0.9 * old + 0.1 * model.weight) and not ema.model.weight.requires_grad
+    for warmup, t, d in ((False, 1, 0.9), (True, 1000, 0.9), (True, 1, 2 / 11), (True, 8, 0.5)):  # d = min(0.9, (1+t)/(10+t))
+        ema = common.EMA(model, 0.9, warmup)
+        old = ema.model.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model, t)
+        assert torch.allclose(ema.model.weight, d * old + (1 - d) * model.weight) and not ema.model.weight.requires_grad
+    for warmup, expected in ((True, math.prod((1 + t) / (10 + t) for t in range(1, 101))), (False, 0.999 ** 100)):
+        ema = common.EMA(model, 0.999, warmup)
+        with torch.no_grad():
+            model.weight.add_(1.0)  # the weights move by 1 after the average was made
+        for t in range(1, 101):
+            ema.update(model, t)
+        left = (model.weight - ema.model.weight).abs().max().item()  # the initial weights' share left in the average
+        assert left == pytest.approx(expected, abs=1e-6, rel=1e-4), (warmup, left)  # warm-up: 2e-12 after 100 steps; without: 0.905
 
 
 def test_logger_lines_and_records(tmp_path, capsys):
