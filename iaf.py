@@ -20,8 +20,10 @@ z_t = f_t(z_{t-1}); the density of the result follows from the change of variabl
 
 Choices. Planar and radial parameters (u, w, b / z_ref, alpha, beta of every step) are amortized: the encoder
 outputs them per example, as in Rezende & Mohamed. IAF: the encoder also outputs a context h that enters the
-first hidden layer of every step's MADE (2 masked hidden layers, ELU); the ordering is reversed between steps;
-the bias of s starts at --sigma-bias (sigma ~ 0.82, near the identity). --length 0 is the diagonal-Gaussian VAE
+first hidden layer of every step's MADE (2 masked hidden layers, ELU), as in openai/iaf, and also every output
+(m, s) through an unmasked linear map that starts at zero (not in openai/iaf, where m, s of the first variable in
+each step's ordering are constants); the ordering is reversed between steps; the bias of s starts at
+--sigma-bias (sigma ~ 0.82, near the identity). --length 0 is the diagonal-Gaussian VAE
 of vae.py (analytic KL in training, same networks): the baseline the flows are compared with.
 
 The 2D experiment of Rezende & Mohamed (--dataset u1..u4): q_0 = N(0, I) in 2D through T planar (or radial) steps
@@ -65,7 +67,8 @@ test NLL = importance-sampled estimate with k = 1000; -ELBO = bound, the mean of
         KL 35.0 nats, 29 of 32 active units, 17-30 it/s, 507 s with the evaluation
   IAF tightens the bound by 0.021 bpd (11 nats per image) and the NLL by 0.007 bpd; amortized planar steps stay
   near the identity (mean log-det -0.06): 0.003 bpd on the bound, 0.002 on the NLL. One seed each, short runs: differences this small
-  need repeats before they are claimed.
+  need repeats before they are claimed. These Fashion-MNIST runs predate the IAF's context-to-output path and counted
+  active units from q_0's mean (now from E_q[z_T|x]); they are to be re-measured.
 """
 import math
 import os
@@ -162,7 +165,11 @@ class MaskedLinear(nn.Linear):
 class IAFStep(nn.Module):
     """One IAF step. A MADE with 2 masked hidden layers maps (z, h) to (m, s); input k has degree order[k] in
     1..K, hidden units degrees in 1..K-1, and output k sees a hidden unit only if its degree is < order[k]: so
-    m_k, s_k depend only on the z_j with order[j] < order[k] (and on h, which enters unmasked)."""
+    m_k, s_k depend only on the z_j with order[j] < order[k]. h enters unmasked twice: in the first hidden layer
+    (as in openai/iaf) and through a linear map straight to (m, s), so that every output depends on h, as in the
+    paper's [m, s] = AR-NN(z, h); without it, m, s of the first variable in the ordering (which sees no hidden
+    unit) would be constants. That map starts at zero (no random draw): a fresh step is the MADE alone, as before.
+    The official code has no such path (its first variable's m, s are biases only)."""
 
     def __init__(self, K, n_context, hidden, sigma_bias, reverse):
         super().__init__()
@@ -173,14 +180,20 @@ class IAFStep(nn.Module):
         self.ctx = nn.Linear(n_context, hidden)
         self.mid = MaskedLinear(hidden, hidden, deg[:, None] >= deg[None, :])
         self.out = MaskedLinear(hidden, 2 * K, (order[:, None] > deg[None, :]).repeat(2, 1))  # rows: m then s
+        self.ctx_out = nn.Parameter(torch.zeros(2 * K, n_context))  # h -> (m, s), unmasked; zero at the start
         with torch.no_grad():
             self.out.bias[K:] = sigma_bias  # sigma starts near 1: each step begins close to the identity
+
+    # Kingma et al., Alg. 1: [m, s] = AutoregressiveNN[t](z_{t-1}, h) (slide "IAF": mu_{t,d}(z_{t-1,1:d-1}), h left out)
+    def made(self, z, h):
+        """z (..., B, K), h (B, n_h) -> m, s (..., B, K), in z's dtype (fp32 under autocast)."""
+        a = F.elu(self.inp(z) + self.ctx(h))
+        return (self.out(F.elu(self.mid(a))) + F.linear(h, self.ctx_out)).to(z.dtype).chunk(2, dim=-1)
 
     # slide "IAF": z_t = mu_t(z_{t-1}) + sigma_t(z_{t-1}) z_{t-1}, in the numerically stable form of Kingma et al.
     # (their Alg. 1): z_t = sigma * z_{t-1} + (1 - sigma) * m, sigma = sigmoid(s); log|det| = sum_k log sigma_k
     def forward(self, z, h):
-        a = F.elu(self.inp(z) + self.ctx(h))
-        m, s = self.out(F.elu(self.mid(a))).to(z.dtype).chunk(2, dim=-1)  # fp32 under autocast
+        m, s = self.made(z, h)
         sigma = torch.sigmoid(s)
         return sigma * z + (1 - sigma) * m, F.logsigmoid(s).sum(-1)
 
@@ -304,7 +317,8 @@ def negative_elbo(model, x, beta=1.0, eps=None):
     recon = -model.log_px_z(x, z_T).mean()
     kl = kl_gaussian(mu, logvar).sum(1) if model.length == 0 else log_q - log_normal(z_T, torch.zeros_like(z_T), torch.zeros_like(z_T))
     loss = recon + beta * kl.mean()
-    terms = {"loss": loss, "recon": recon, "kl": kl.mean(), "log_det": log_det.mean(), "au": (mu.var(0) > 0.01).sum()}
+    terms = {"loss": loss, "recon": recon, "kl": kl.mean(), "log_det": log_det.mean(),
+             "au": (mu.var(0) > 0.01).sum()}  # of q_0's mean over the batch, cheap; evaluate counts from E_q[z_T|x]
     if not model.bernoulli:
         terms["bpd"] = common.bits_per_dim(recon + kl.mean(), math.prod(model.shape))
     return loss, terms
@@ -323,6 +337,21 @@ def log_px_importance(model, x, k, chunk=64):
         log_w.append(log_px - kl[-1])
     log_w = torch.cat(log_w)
     return torch.logsumexp(log_w, dim=0) - math.log(k), log_w.mean(0), torch.cat(kl).mean(0)
+
+
+# Burda et al. (arXiv 1509.00519): unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01; here z = z_T, the latent the
+# decoder sees. E_q[z_T|x] by Monte Carlo through the flow: its noise adds E_x[Var_q(z_u|x)] / n to A_u (0.001 for a unit
+# variance and n = 1000), far below the 0.01 threshold.
+@torch.no_grad()
+def posterior_mean(model, mu, logvar, params, n=1000, generator=None, chunk=100):
+    """(B, K) E_q[z_T|x]: the mean of n samples z_T of q(z_T|x) (eps drawn from generator); mu itself at T = 0 (exact)."""
+    if model.length == 0:
+        return mu
+    total = torch.zeros_like(mu)
+    for i in range(0, n, chunk):
+        eps = torch.randn(min(chunk, n - i), *mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)  # (c, B, K)
+        total += posterior_sample(model, mu, logvar, params, eps)[0].sum(0)
+    return total / n
 
 
 # Rezende & Mohamed, Table 1: the four unnormalized 2D densities p(z) ~ exp(-U(z)), plus our wall on |z_1| > BOX
@@ -418,7 +447,8 @@ def save_images(model, x, out, step):
 @torch.no_grad()
 def evaluate(model, data, cfg, run, step):
     """Images: test NLL by importance sampling with cfg.eval_k samples of q(z_T|x) (an estimate), the -ELBO (a bound,
-    the mean of the same log-weights), KL and active units (of q_0's mean), fp32; nats if binarized, else bits/dim.
+    the mean of the same log-weights), KL, and active units: Var_x(E_q[z_T|x]) > 0.01, E_q[z_T|x] the mean of 1000
+    samples of q(z_T|x) from a generator seeded with 0 (the same count on every call); fp32; nats if binarized, else bits/dim.
     Energies (data is None): the KL bound E_q[log q + U] >= -log Z from eval_k x 1000 samples, log Z on a grid,
     and their sum KL(q || p)."""
     model.eval()
@@ -428,19 +458,20 @@ def evaluate(model, data, cfg, run, step):
         model.train()
         return common.eval_record(step, None, "nats", "bound", 100_000 * len(bound), kl_bound=bound.mean().item(),
                                   log_z=log_z, kl=bound.mean().item() + log_z, flow=cfg.flow, length=cfg.length)
-    log_px, elbo, kl, mus = [], [], [], []
+    log_px, elbo, kl, means = [], [], [], []
+    gen = torch.Generator(device=run.device).manual_seed(0)  # the samples of the active-unit count
     for x in common.test_batches(data, cfg, run.device, 100, f"importance-sampled NLL (k = {cfg.eval_k}), -ELBO, KL, active units"):
         lp, e, kl_x = log_px_importance(model, x, cfg.eval_k, chunk=max(1, 4000 // len(x)))
         log_px.append(lp)
         elbo.append(e)
         kl.append(kl_x)
-        mus.append(model.encode(x)[0])
+        means.append(posterior_mean(model, *model.encode(x), n=1000, generator=gen))  # E_q[z_T|x] (B, K)
     model.train()
     to_unit = (lambda v: v) if cfg.binarize else (lambda v: common.bits_per_dim(v, math.prod(model.shape)))
-    mus = torch.cat(mus)
+    means = torch.cat(means)
     return common.eval_record(step, to_unit(-torch.cat(log_px).mean().item()), "nats" if cfg.binarize else "bpd", "estimate",
-                              len(mus), k=cfg.eval_k, nelbo=to_unit(-torch.cat(elbo).mean().item()), nelbo_kind="bound",
-                              kl_nats=torch.cat(kl).mean().item(), active_units=int((mus.var(0) > 0.01).sum()), latent=model.latent,
+                              len(means), k=cfg.eval_k, nelbo=to_unit(-torch.cat(elbo).mean().item()), nelbo_kind="bound",
+                              kl_nats=torch.cat(kl).mean().item(), active_units=int((means.var(0) > 0.01).sum()), latent=model.latent,
                               flow=cfg.flow, length=cfg.length)
 
 

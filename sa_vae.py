@@ -20,9 +20,14 @@ trains: vae at lambda_0, svi and savae after their K steps (the paper's protocol
 
 Implementation details (what the paper / official code harvardnlp/sa-vae do, and what this file does):
 1. Backprop through the K steps: exact second-order autograd (create_graph=True) - exact, short, and checked
-   against finite differences in the tests; the K graphs fit in memory because z enters the decoders only in
-   their last layers (features of x are computed once per batch). The paper used finite-difference
-   Hessian-vector products (eps 1e-5), which store only lambda_k; same gradient up to O(eps).
+   against finite differences in the tests, the derivative of the inner clipping included; the K graphs fit in memory
+   because z enters the decoders only in their last layers (features of x are computed once per batch). The official
+   code backpropagates with finite-difference Hessian-vector products (eps 1e-5), storing only lambda_k: the same
+   gradient up to O(eps) (and fp32 rounding) only without its clipping (svi_max_grad_norm 0). With its default 5, its
+   backward rescales to norm <= 5, at every step, the gradients at lambda_k + eps v (jointly over mu, logvar and
+   theta, while those at lambda_k that it subtracts were clipped per mu and per logvar, theta's not at all), theta's
+   H_theta,lambda v, and the gradient passed back to lambda_k; and it never forms the derivative of the forward's
+   clipping. Whenever a clip acts, it returns a bounded heuristic direction, not the gradient of its forward pass.
 2. theta also gets the gradient through the steps, as in the official SAVI-N2N runs (acc_param_grads 1 adds the
    -H_{theta,lambda} v terms to theta's gradient): loss.backward() on -ELBO(lambda_K(phi, theta), theta). In --mode
    svi lambda_K is detached (official svi), so theta sees only grad_theta ELBO(lambda_K, theta).
@@ -228,9 +233,9 @@ class SAVAE(nn.Module):
                 nn.Flatten(), nn.Linear(math.prod(data.shape), 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2 * D))
 
     def encode(self, x):
-        """lambda_0 = (mu, logvar) in fp32; the prior's (0, 0) in --mode svi."""
-        if self.enc is None:
-            return [torch.zeros(len(x), self.latent, device=x.device) for _ in range(2)]
+        """lambda_0 = (mu, logvar) in fp32 (fp64 in the tests); the prior's (0, 0) in --mode svi."""
+        if self.enc is None:  # in the decoder's dtype, at least fp32
+            return [fp32(next(self.dec.parameters()).new_zeros(len(x), self.latent)) for _ in range(2)]
         if self.seq:
             _, (h, _) = self.enc["lstm"](self.enc["emb"](x))  # h (1, B, H): the last state
             out = self.enc["out"](h[0])

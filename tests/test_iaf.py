@@ -1,6 +1,7 @@
 """iaf.py: every flow's log-det against the autograd Jacobian, the planar constraint, the IAF step's triangular
-Jacobian, the change of variables through a whole amortized flow, T = 0 = the diagonal VAE, learning, a
-reproduction threshold on a 2D energy, exact resume, and the command line end to end."""
+Jacobian and its context reaching every output, the change of variables through a whole amortized flow, T = 0 =
+the diagonal VAE, learning, active units of E_q[z_T|x], a reproduction threshold on a 2D energy, exact resume, and
+the command line end to end."""
 import json
 import math
 from pathlib import Path
@@ -65,11 +66,34 @@ def test_iaf_step_is_autoregressive_and_its_log_det_is_sum_log_sigma(reverse):
     order = step.order
     later = order[None, :] > order[:, None]  # j after i in this step's ordering
     assert (J[later] == 0).all() and (J[~later & ~torch.eye(K, dtype=torch.bool)].abs() > 0).any()
-    m, s = step.out(torch.nn.functional.elu(step.mid(torch.nn.functional.elu(step.inp(z) + step.ctx(h))))).chunk(2)
+    J_ms = jacobian(lambda v: torch.cat(step.made(v, h)), z)  # (2K, K): d(m, s)_i / dz_j = 0 unless j before i
+    assert (J_ms[(order[None, :] >= order[:, None]).repeat(2, 1)] == 0).all()
+    m, s = step.made(z, h)
     assert torch.allclose(J.diagonal(), torch.sigmoid(s), atol=1e-12)  # dz_i / dz_i = sigma_i
     sign, logdet = torch.linalg.slogdet(J)
     assert sign > 0 and torch.allclose(step(z, h)[1], logdet, atol=1e-9)
     assert torch.allclose(step(z, h)[1], torch.log(torch.sigmoid(s)).sum(), atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 5])
+def test_the_context_reaches_every_output_of_an_iaf_step(K):
+    """[m, s] = AR-NN(z, h): d(m, s)_i / dh != 0 for every i, the first variable of the ordering included (it sees no
+    hidden unit; h reaches it through the unmasked context-to-output map, which a fresh step has at zero)."""
+    torch.manual_seed(0)
+    for reverse in (False, True):
+        step = iaf.IAFStep(K, n_context=3, hidden=20, sigma_bias=1.5, reverse=reverse).double()
+        assert (step.ctx_out == 0).all()  # a fresh step: the masked MADE alone
+        with torch.no_grad():
+            for p in step.parameters():
+                p.normal_()
+        z, h = torch.randn(K, **F64), torch.randn(3, **F64)
+        dms_dh = lambda: jacobian(lambda c: torch.cat(step.made(z, c)), h)  # (2K, n_h)
+        assert (dms_dh().abs().sum(1) > 0).all()
+        first = int(step.order.argmin())
+        with torch.no_grad():
+            step.ctx_out.zero_()  # without the direct path: the first variable's m, s ignore h, the others do not
+        depends = dms_dh().abs().sum(1) > 0
+        assert depends.tolist() == [i % K != first for i in range(2 * K)]
 
 
 def tiny_cfg(**kw):
@@ -135,6 +159,33 @@ def test_200_steps_lower_the_loss_and_evaluate_reports_the_bounds():
     rec = iaf.evaluate(model, data, tiny_cfg(eval_k=64), run, 200)
     assert rec["unit"] == "bpd" and rec["kind"] == "estimate" and rec["n_test"] == 64
     assert 0 < rec["test_nll"] <= rec["nelbo"] + 1e-6 and rec["kl_nats"] > 0  # IS (k = 64) is tighter than the ELBO
+
+
+def test_active_units_count_the_mean_of_z_T_not_of_q_0():
+    """Active units = Var_x(E_q[z_T|x]) > 0.01 (Burda et al.). An IAF whose q_0 is N(0, I) for every x, but whose steps
+    shift z_1, z_2 by the context h(x) (and nothing else by h): q_0's mean counts 0 active units, E_q[z_T|x] counts 2,
+    as a brute-force mean of 20000 samples does; the seeded 1000-sample estimate agrees with it."""
+    data, cfg = synthetic_data(n_test=64), tiny_cfg(flow="iaf", length=2, eval_k=8)
+    K = cfg.latent
+    torch.manual_seed(0)
+    model = iaf.FlowVAE(cfg, data.shape)
+    with torch.no_grad():
+        last = model.enc[1][-1]  # the encoder's output layer: rows mu, logvar, then h
+        last.weight[:2 * K], last.bias[:2 * K] = 0, 0  # q_0(z_0|x) = N(0, I) for every x
+        for step in model.steps:  # h reaches only m, s of z_1, z_2 (step 2, reversed, conditions z_3, z_4 on z_4, z_3 only)
+            step.ctx.weight.zero_()
+            step.ctx_out[[0, 1, K, K + 1]] = 3 * torch.randn(4, cfg.context)
+    run = common.Run(torch.device("cpu"), None, 0, 1, Path("/tmp/unused"), True, True)
+    rec = iaf.evaluate(model, data, cfg, run, 0)
+    mu, logvar, h = model.encode(data.test.float() / 255)
+    with torch.no_grad():  # brute force: the mean of 20 x 1000 samples z_T
+        brute = torch.stack([iaf.posterior_sample(model, mu, logvar, h, torch.randn(1000, *mu.shape))[0].mean(0)
+                             for _ in range(20)]).mean(0)  # (B, K)
+    assert (mu.var(0) > 0.01).sum() == 0 and (brute.var(0) > 0.01).tolist() == [True, True, False, False]
+    assert rec["active_units"] == 2 == iaf.evaluate(model, data, cfg, run, 0)["active_units"]
+    estimate = iaf.posterior_mean(model, mu, logvar, h, n=1000, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(estimate, brute, atol=0.15)
+    assert iaf.posterior_mean(iaf.FlowVAE(tiny_cfg(length=0), data.shape), mu, logvar, h) is mu  # T = 0: exact
 
 
 def test_reproduction_planar_flow_fits_an_energy():
