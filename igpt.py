@@ -13,7 +13,8 @@ decoder-only transformer with causal self-attention models
                                                                             bidirectional attention; no likelihood)
 
 Blocks are pre-norm GPT-2 blocks: h <- h + attn(LN(h)), h <- h + mlp(LN(h)), learned token and position
-embeddings, a start-of-sequence token, untied output head (as the paper). Tokens: 8-bit grayscale values
+embeddings, a start-of-sequence token, an output head untied from the token embedding (as openai/image-gpt's
+src/model.py: wtet apart from wte). Tokens: 8-bit grayscale values
 (256 tokens), binarized values with --binarize (2 tokens), or for colour images the paper's 9-bit palette:
 k-means with k = 512 over the (R, G, B) pixels of (a subsample of) the training set, stored in the checkpoint
 as the buffer `palette`; a pixel becomes the index of its nearest centroid (1 token per pixel, not 3).
@@ -32,9 +33,23 @@ Simplifications / deviations: the `fashion-mnist` preset DOWNSAMPLES to 14 x 14 
 rounded to 8 bits), 196 tokens, a 4-layer width-128 model for CPU; its likelihood is of the downsampled 8-bit
 data only. `cifar10` preset = iGPT-S (24 layers, width 512, 8 heads, 76M parameters in the paper) on 32x32
 images through the 9-bit palette (1024 tokens, the paper's 32x32x3 -> 32x32 reduction); the paper pre-trains
-on ImageNet and probes CIFAR-10, here the model is trained on the CIFAR-10 training set itself. Optimiser as
-the paper: Adam beta2 = 0.95, linear warm-up then cosine decay to 0, no dropout; lr, batch and steps of the
-presets are ours (the paper's iGPT-S lr is not reproduced here), as is clipping the gradient norm at 1.
+on ImageNet and probes CIFAR-10, here the model is trained on the CIFAR-10 training set itself. Optimiser:
+AdamW with --weight-decay 0 by default, i.e. Adam, beta1 = 0.9 and beta2 = 0.95 as the paper (sec. 3.4), no
+dropout (as the paper); learning rate lr(step) = lr * min(1, (step + 1) / max(warmup, 1)) * (1 + cos(pi step /
+steps)) / 2, a linear warm-up times a cosine that starts at step 0 and reaches 0 at --steps (the paper warms up
+for one epoch, then decays to 0 by a cosine); lr, batch and steps of the presets are ours (the paper's iGPT-S lr
+is not reproduced here), as is clipping the gradient norm at 1.
+Departures from openai/image-gpt's src/model.py (the paper: "the same model code as GPT-2", sec. 3.3): its norm()
+divides by the root mean square of the features without subtracting their mean and has a gain only, LN here is
+nn.LayerNorm (mean subtracted, gain and bias); its dense layers (q, k, v, the attention output, both MLP layers)
+have no biases, here they do; its MLP uses gelu2(x) = x sigmoid(1.702 x), here the exact (erf) GELU; its logit
+projection wtet starts at zero (the paper: "zero-initialize all projections producing logits") and its attention
+weights have std 1/sqrt(d) (the output projection 1/sqrt(d L)), here every dense weight starts as N(0, 0.02) (the
+embeddings match: std 0.02 for tokens and the start token, 0.01 for positions); with --objective bert it
+multiplies the masked positions' token embeddings by 0 (their position embeddings stay) and averages the masked
+cross-entropy within each image before the batch mean, here a masked position gets a learned mask token (input id
+`vocab`), at least one position per image is masked, and the loss is the mean over all masked positions of the
+batch.
 k-means: Lloyd iterations from distinct colours of the subsample (not the paper's exact k-means code). The
 `mnist` preset is the fashion-mnist one (8-bit, not binarized unless --binarize is given).
 
@@ -85,7 +100,7 @@ class Config(common.TrainConfig):
     kmeans_iters: int = 20  # Lloyd iterations of the k-means
     downsample: int = 1  # average-pool images by this factor before tokenizing (2: 28x28 -> 14x14)
     mask_frac: float = 0.15  # bert: fraction of positions masked
-    warmup: int = 100  # linear lr warm-up steps, then cosine decay to 0 at --steps (--resume with a larger --steps re-stretches the cosine)
+    warmup: int = 100  # linear lr warm-up steps; lr = lr * warm-up * cosine (0 at --steps; --resume with a larger --steps re-stretches it)
     beta2: float = 0.95  # Adam beta2 (paper: 0.95)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
@@ -257,28 +272,26 @@ def objective(model, x, cfg, net=None):
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(model, n, device, prefix=None, cache=True, generator=None, temperature=1.0):
-    """Ancestral sampling x_i ~ p(x_i | x_<i), i = 1..n_tokens, batched; with `cache` the keys/values of earlier
+    """Ancestral sampling x_i ~ p(x_i | x_<i), i = p+1..n_tokens, batched; with `cache` the keys/values of earlier
     positions are kept (one token through the network per step), else the whole prefix is re-run every step.
-    prefix (n, p): given first tokens (image completion). Returns tokens (n, n_tokens) and their logits (fp32)."""
+    prefix (n, p): given first tokens (image completion, p = 0 without). Returns tokens (n, n_tokens) and, fp32,
+    the logits (n, n_tokens - p, vocab) that x_{p+1}, ..., x_{n_tokens} were drawn from (before the temperature)."""
     T, dtype = model.n, next(model.parameters()).dtype
     x = torch.zeros(n, T, dtype=torch.long, device=device)
     p = 0 if prefix is None else prefix.shape[1]
     if p:
         x[:, :p] = prefix
-    logits_all = torch.zeros(n, T, model.vocab, device=device)
+    logits = torch.zeros(n, T - p, model.vocab, device=device)
     kv = model.new_cache(n, device, dtype) if cache else None
-    inp = ar_input(model, x)
-    if cache:  # prefill positions 0..p (start token and the prefix) at once
-        logits_all[:, :p + 1] = model(inp[:, :p + 1], cache=kv, pos=0).float()
     for i in range(p, T):
-        if cache and i > p:
-            logits_all[:, i] = model(x[:, i - 1:i], cache=kv, pos=i)[:, 0].float()
-        elif not cache:
-            logits_all[:, i] = model(ar_input(model, x)[:, :i + 1])[:, i].float()
-        x[:, i] = torch.multinomial(F.softmax(logits_all[:, i] / temperature, -1), 1, generator=generator)[:, 0]
-    if p and not cache:  # the prefix's own logits, for comparison with the cached prefill
-        logits_all[:, :p] = model(ar_input(model, x)[:, :p]).float()
-    return x, logits_all
+        if not cache:  # inputs [start, x_1, ..., x_{i-1}] at positions 0..i, all through the network again
+            logits[:, i - p] = model(ar_input(model, x)[:, :i + 1])[:, i].float()
+        elif i == p:  # prefill: positions 0..p (start token and the prefix) at once, their keys/values into kv
+            logits[:, 0] = model(ar_input(model, x)[:, :p + 1], cache=kv, pos=0)[:, p].float()
+        else:  # one new input, x_{i-1} at position i
+            logits[:, i - p] = model(x[:, i - 1:i], cache=kv, pos=i)[:, 0].float()
+        x[:, i] = torch.multinomial(F.softmax(logits[:, i - p] / temperature, -1), 1, generator=generator)[:, 0]
+    return x, logits
 
 
 def check_sampler(model):
@@ -419,7 +432,7 @@ def train(cfg):
     with common.Stop(run, cfg) as stop:
         while step < cfg.steps and not stop(step):
             lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            for group in opt.param_groups:  # warm-up, then cosine decay (a python float: no sync)
+            for group in opt.param_groups:  # linear warm-up times cosine decay (a python float: no sync)
                 group["lr"] = lr
             x = tokenize(model, next(batches))
             with run.autocast():

@@ -8,6 +8,10 @@ An image x is a sequence of n x n pixels in raster order, each pixel three sub-p
     p(x) = prod_k p(x_k | x_<k)                                           (slides: p(x_k | x_<k))
     p(x_i,R | x_<i) p(x_i,G | x_<i, x_i,R) p(x_i,B | x_<i, x_i,R, x_i,G)  (colour order inside a pixel)
     p(x_k | x_<k) = softmax over 256 values (8-bit data) or a Bernoulli (binarized data)
+The colour order is the paper's R, G, B (eq. 2; sec. 3.4: G sees R, B sees R and G), the one the masks below
+implement. The slides ("each RGB pixel is generated autoregressively") write p(x_k,R, x_k,B, x_k,G | x_<k) =
+p(x_k,R | x_<k) p(x_k,B | x_<k, x_k,R) p(x_k,G | x_<k, x_k,R, x_k,B), a typo for R, G, B (that order would
+be a valid factorization too, but it is not the paper's).
 
 Every network reads the whole image at once and is made causal by masks: the first layer is a 7x7
 convolution of mask type A (a sub-pixel never sees itself), later ones of type B (a feature group sees
@@ -16,7 +20,11 @@ itself); features are split in C groups (R, G, B) so that group c only sees inpu
   - rowlstm:    per row i: [o, f, i, g] = sigma(K^ss (*) h_{i-1} + K^is (*) x_i), c_i = f . c_{i-1} + i . g,
                 h_i = o . tanh(c_i); K^is a 1 x k masked (B) convolution, K^ss an unmasked 1D convolution over the
                 previous row (k = 3): a triangular receptive field above the pixel. Rows run one after another,
-                vectorised over batch and columns.
+                vectorised over batch and columns. Kernel sizes here are height x width (PyTorch's order): K^is
+                is (1, k), one row tall and k pixels along the row, K^ss a length-k kernel along the previous row.
+                The paper (sec. 3.1) gives the Row LSTM's one-dimensional convolution, the input-to-state one by
+                name, the size "k x 1" (k >= 3), the length along the row first: the same kernels. (Its Diagonal
+                BiLSTM's column-wise "2 x 1", sec. 3.2, is 2 along the column: (2, 1) in PyTorch's order.)
   - diagbilstm: the input is skewed (row i shifted right by i); K^is a 1x1 mask-B convolution, K^ss a 2x1
                 convolution over the previous column of the skewed map, i.e. the left and upper neighbours;
                 columns (= diagonals) run one after another, vectorised over batch and rows. A second direction
@@ -145,8 +153,9 @@ class ResidualBlock(nn.Module):
 
 
 class RowLSTM(nn.Module):
-    """Row LSTM layer: input-to-state 1 x k mask B over the whole map, state-to-state 1D convolution of the
-    previous row's h, rows in sequence; then 1x1 h -> 2h and the residual connection."""
+    """Row LSTM layer: input-to-state 1 x k mask B over the whole map (height x width; the paper's "k x 1"),
+    state-to-state 1D convolution of length k over the previous row's h, rows in sequence; then 1x1 h -> 2h and
+    the residual connection."""
 
     def __init__(self, h, C, k=3):
         super().__init__()

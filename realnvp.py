@@ -14,11 +14,11 @@ A bijection x = z_0 -> z_T = f_T o ... o f_1(z_0) maps the data to a prior p_T(z
                       z_{t,d+1:K} = z_{t-1,d+1:K} * exp(m_1(z_{t-1,1:d})) + m_2(z_{t-1,1:d})
                       log|det| = sum_k m_1(z_{t-1,1:d})_k       (the Jacobian is triangular, slide "Real NVP")
         Real NVP: m_1 = scale * tanh(h_s) (scale learned per channel); Glow: m_1 = log sigmoid(h_s + 2) and
-        m_2 = h_t * sigmoid(h_s + 2), i.e. Glow's z = (z + h_t) * sigmoid(h_s + 2) in the slide's form.
+        m_2 = h_t * sigmoid(h_s + 2), i.e. openai/glow's code z = (z + h_t) * sigmoid(h_s + 2) in the slide's form.
     partitions 1:d / d+1:K: a checkerboard over pixels or a split of the channels, alternating between layers
     squeeze: (C, H, W) -> (4C, H/2, W/2);  multi-scale: after each scale half the channels are factored out to N(0, I)
     batch norm (Real NVP): y = (x - mu) / sqrt(var + eps) * exp(log_gamma) + beta, log|det| = HW sum_c (log_gamma_c
-        - log(var_c + eps) / 2), batch statistics in training, running averages in eval mode
+        - log(var_c + eps) / 2), batch statistics in training, running averages in eval mode (see below)
     ActNorm (Glow): y = (x + b) * exp(log_s), b and log_s set on the first batch so y has zero mean, unit variance
     1x1 conv (Glow): y = W x per pixel, W = P L (U + diag(sign_s exp(log_s))), log|det| = HW sum log_s
     logit: y = logit(alpha + (1 - 2 alpha) x), log|det| = sum log(1 - 2 alpha) - log p - log(1 - p), p = alpha + (1 - 2 alpha) x
@@ -29,19 +29,36 @@ A bijection x = z_0 -> z_T = f_T o ... o f_1(z_0) maps the data to a prior p_T(z
 Choices and deviations. Real NVP: the coupling networks are ResNets (conv 3x3, `--blocks` pre-activation residual
 blocks of batch norm, ReLU, conv 3x3, then batch norm, ReLU, conv 3x3) without the paper's weight normalization;
 each scale is 3 checkerboard couplings, squeeze, 3 channel couplings, factor out half; the last scale 4 checkerboard
-couplings; a batch-norm flow layer follows every coupling; its running averages have momentum --bn-momentum (ours);
-the L2 penalty 5e-5 is Adam's weight_decay on all parameters. Glow: each level is squeeze, K x (ActNorm, 1x1 conv,
-affine coupling), then the split; the coupling net is conv 3x3 - ReLU - conv 1x1 - ReLU - conv 3x3 without Glow's
-inner ActNorms; the factored-out half goes to N(0, I) (Glow learns a conditional prior for it); inputs are x - 1/2
-(Glow's preprocessing, --no-logit) unless --logit; linear lr warm-up over --warmup steps. Both: the output layer of every
-coupling network starts at zero (each coupling starts as the identity; Glow's choice, harmless for Real NVP).
+couplings; a batch-norm flow layer follows every coupling. It normalises with the current batch's statistics in
+training and with running averages (momentum --bn-momentum, ours) in eval mode and in the inverse; the paper's
+variant (sec. 3.7, details in its appendix E) normalises with a running average over recent minibatches in training
+too, gradients flowing through the current batch's share only, to be robust with very small minibatches
+(tensorflow/models' research/real_nvp code has it as bn_lag, off by default: DEFAULT_BN_LAG = 0). The L2 penalty 5e-5
+is Adam's weight_decay on all parameters (that code penalises only its weight-norm magnitudes and coupling scales).
+Glow: each level is squeeze, K x (ActNorm, 1x1 conv, affine coupling), then the split; the coupling net is conv 3x3 -
+ReLU - conv 1x1 - ReLU - conv 3x3 without the inner ActNorms and the extra edge-padding input channel of Glow's 3x3
+convolutions (tfops.conv2d, add_edge_padding); the 1x1 convolution is LU-parameterised (the paper's sec. 3.2 option;
+openai/glow's invertible_1x1_conv defaults to the plain W); the factored-out half goes to N(0, I) (Glow's
+split2d_prior learns a conditional prior for it from the kept half) and so does the top z_L (Glow's README commands
+pass --learntop: a learned mean and log-scale for it, model.prior); inputs are x - 1/2 (Glow's preprocessing,
+--no-logit) unless --logit; the optimizer is Adam, without a Polyak average of the weights (Glow's train.py defaults
+to --optimizer adamax, beta2 = 1 - 1/(iterations per epoch), and optim.polyak keeps an exponential moving average of
+the weights with that decay; the swaps that would evaluate it are commented out in train.py); --batch-size is the
+batch of one step (common.py splits it across DDP ranks), while Glow's CIFAR-10 command runs 8 MPI workers of
+--n_batch_train 64 each, whose gradients are averaged: an effective batch of 512; linear lr warm-up over --warmup
+steps (Glow: over 10 epochs of images, --epochs_warmup). Both: the last layer of every coupling network starts at
+zero weights and bias (Glow's "zero initialization", sec. 3.3), without the learned output scale exp(3 logs) of
+Glow's tfops.conv2d_zeros. A Real NVP coupling then starts as the identity (m_1 = scale * tanh(0) = 0, m_2 = 0), a
+Glow coupling as z_{d+1:K} -> sigmoid(2) z_{d+1:K} = 0.88 z_{d+1:K} (the paper's "identity" holds for s = exp(log s)
+of its Table 1, not for the code's sigmoid(h + 2), which this file follows).
 2D toys: points are (B, 2, 1, 1) "images", the coupling networks MLPs (1x1 convs), the couplings alternate which
 coordinate is fixed; one scale, --depth couplings, no preprocessing.
 
 Presets: `cifar10` is Real NVP's CIFAR-10 setting (8 residual blocks of 64 features in the coupling ResNets, batch
 64, Adam lr 1e-3, L2 5e-5, alpha 0.05; slide table: 3.49 bpd) with 2 scales (the paper "downscales only once" for
 CIFAR-10, as read here; chrischute/real-nvp's reproduction of sec. 4.1 does the same); with --flow glow it is
-Glow's (3 levels, K = 32, 512 channels, lr 1e-3, x - 1/2 inputs; slide table: 3.35 bpd). The numbers of steps, Glow's batch of 64 and warm-up length are ours; `mnist` (both flows) is ours
+Glow's (3 levels, K = 32, 512 channels, lr 1e-3, x - 1/2 inputs; slide table: 3.35 bpd). The numbers of steps, the
+Glow preset's batch of 64 (one Glow worker's, see above) and warm-up length are ours; `mnist` (both flows) is ours
 too, not run here. `fashion-mnist` is a small Real NVP for 10 minutes on one CPU core (16-feature ResNets of 1 block,
 alpha 1e-6 as for MNIST), with --flow glow a small Glow (2 levels, K = 4, 64 channels, with the logit instead of
 Glow's x - 1/2: see Results); `toy` (every 2D set): 8 couplings of 2 x 64 ReLU MLPs, 2000 steps of 256 points.
@@ -52,6 +69,8 @@ Run:
     python realnvp.py --dataset moons                    # 2D toy: density_<step>.png (data | exp log p | samples)
     python realnvp.py --dataset cifar10 --flow glow      # Glow's CIFAR-10 configuration on a GPU
     python realnvp.py --sample 64 --temperature 0.7 --ckpt runs/realnvp/fashion-mnist/ckpt.pt
+Without --out a run goes to runs/realnvp/<dataset> (folder:PATH data: runs/realnvp/folder-<name of PATH>), with
+--flow glow to the same name + "-glow": the two flows' default folders differ.
 
 Results (one CPU core, OMP_NUM_THREADS=1, on a 2-core machine shared with other jobs: s/step varies with their load).
 2D toys, `python realnvp.py --dataset D --steps 2000 --batch-size 256` (the toy preset; add `--flow glow` for Glow),
@@ -84,6 +103,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -139,7 +159,7 @@ GLOW_PRESETS = {  # --flow glow: parse_config takes these instead of PRESETS (ex
 
 
 # ----------------------------------------------------------------------------- networks: coupling networks
-def zero_conv(c_in, c_out, k):
+def zero_conv(c_in, c_out, k):  # weights, bias 0 (Glow's conv2d_zeros adds a learned scale exp(3 logs): not here)
     conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
@@ -224,7 +244,8 @@ class Coupling(nn.Module):
 class BatchNormFlow(nn.Module):
     """Real NVP's batch normalization as a flow layer: y = (x - mu) / sqrt(var + eps) * exp(log_gamma) + beta,
     log|det| = HW sum_c (log_gamma_c - log(var_c + eps) / 2); batch statistics in training (treated as constants
-    in the log-det, as in the paper), running averages in eval mode and in the inverse."""
+    in the log-det, as in the paper), running averages in eval mode and in the inverse. (The paper's variant uses
+    running averages in training too: see the module docstring.)"""
 
     def __init__(self, C, momentum, eps=1e-5):
         super().__init__()
@@ -587,6 +608,11 @@ def train(cfg):
 
 
 # ----------------------------------------------------------------------------- main
+def default_out(dataset):
+    """The run folder common.parse_config picks without --out: runs/realnvp/<dataset>, or folder-<name> for folder:PATH."""
+    return os.path.join("runs", METHOD, "folder-" + Path(dataset[7:]).name if dataset.startswith("folder:") else dataset)
+
+
 def check(cfg):
     for flag, v, lo in (("--scales", cfg.scales, 1), ("--depth", cfg.depth, 1), ("--channels", cfg.channels, 1),
                         ("--blocks", cfg.blocks, 0), ("--grid", cfg.grid, 1), ("--eval-batch", cfg.eval_batch, 1),
@@ -603,7 +629,7 @@ def check(cfg):
         common.fail("--binarize: realnvp.py models 8-bit data (uniform dequantization); accepted: --no-binarize")
     if cfg.dataset in common.TOY_SETS and cfg.blocks < 1:
         common.fail(f"--blocks {cfg.blocks} with a 2D toy: the MLP needs at least 1 hidden layer")
-    if cfg.flow == "glow" and cfg.out == os.path.join("runs", METHOD, cfg.dataset):  # default folder: one per flow
+    if cfg.flow == "glow" and cfg.out == default_out(cfg.dataset):  # the default folder: one per flow
         cfg.ckpt = "" if cfg.ckpt == os.path.join(cfg.out, "ckpt.pt") else cfg.ckpt
         cfg.out += "-glow"
         cfg.ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")

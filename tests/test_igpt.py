@@ -46,8 +46,13 @@ def test_cached_sampling_equals_uncached(prefix):
         t, lg = igpt.sample(model, 4, "cpu", prefix=x[:, :prefix] if prefix else None, cache=cache, generator=g)
         tokens.append(t), logits.append(lg)
     assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0][:, :prefix], x[:, :prefix])
-    full = model(igpt.ar_input(model, tokens[0]))  # one full forward over the sampled sequence
-    assert (logits[0] - full).abs().max() < 1e-5 and (logits[1] - full).abs().max() < 1e-5
+    with torch.no_grad():
+        full = model(igpt.ar_input(model, tokens[0]))  # one full forward over the sampled sequence, (4, n, 256)
+        kv = model.new_cache(4, "cpu", torch.float32)  # the prefill sample() runs, all of its outputs kept here
+        prefill = model(igpt.ar_input(model, tokens[0])[:, :prefix + 1], cache=kv, pos=0)
+    assert logits[0].shape == logits[1].shape == (4, model.n - prefix, 256)  # the logits of the sampled positions
+    assert (logits[0] - full[:, prefix:]).abs().max() < 1e-5 and (logits[1] - full[:, prefix:]).abs().max() < 1e-5
+    assert (prefill - full[:, :prefix + 1]).abs().max() < 1e-5  # the start token and the prefix's positions
 
 
 def test_kmeans_palette_round_trip():

@@ -51,6 +51,13 @@ def test_no_output_depends_on_its_own_or_a_later_input(arch, C):
         assert missing == known, sorted(missing ^ known)[:5]
 
 
+def test_row_lstm_kernels_are_the_papers_k_by_1_along_the_row():
+    """Docstring: K^is is (1, k) in (height, width), K^ss a length-k kernel along the previous row (paper: "k x 1")."""
+    layer = pixelcnn.RowLSTM(6, 3, k=3)
+    assert tuple(layer.i2s.weight.shape[2:]) == (1, 3) and layer.s2s.kernel_size == (3,)
+    assert layer.i2s.mask[:, :, 0, 2].sum() == 0 and layer.i2s.mask[:, :, 0, 0].all()  # the right tap is off, the left on
+
+
 def test_skew_and_unskew_are_inverse():
     x = torch.arange(2 * 3 * 4 * 5.0).view(2, 3, 4, 5)
     s = pixelcnn.skew(x)

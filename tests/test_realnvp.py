@@ -1,9 +1,10 @@
 """realnvp.py: every flow layer inverts and its log-det equals the autograd Jacobian's, the same for whole
 multi-scale models (Real NVP and Glow) and 2D models, ActNorm's data-dependent initialisation, a 2D density that
-integrates to 1, bits/dim against a hand calculation, learning, a reproduction threshold, exact resume, and the
-command line end to end."""
+integrates to 1, bits/dim against a hand calculation, learning, a reproduction threshold, exact resume, the
+command line end to end, and separate default run folders for the two flows."""
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,22 @@ def test_glow_flag_selects_glows_preset_and_flags_still_win():
     with pytest.raises(SystemExit, match="divisible by 8"):
         realnvp.Flow(realnvp.parse(["--scales", "4"]), (1, 28, 28))
     assert realnvp.parse(["--dataset", "cifar10", "--flow=glow"]).depth == 32
+
+
+def test_real_nvp_and_glow_get_different_default_run_folders(tmp_path):
+    """Without --out, Glow's run folder is Real NVP's + "-glow" (and its checkpoint in it), also for folder:PATH data,
+    whose default folder common.parse_config names runs/realnvp/folder-<name>; an explicit --out is kept."""
+    images = tmp_path / "my-images"
+    images.mkdir()
+    for dataset in ("fashion-mnist", "moons", f"folder:{images}", f"folder:{images}/"):
+        nvp, glow = realnvp.parse(["--dataset", dataset]), realnvp.parse(["--dataset", dataset, "--flow", "glow"])
+        assert glow.out == nvp.out + "-glow" and glow.ckpt == os.path.join(glow.out, "ckpt.pt"), (dataset, nvp.out, glow.out)
+        assert nvp.ckpt == os.path.join(nvp.out, "ckpt.pt")
+    assert nvp.out == os.path.join("runs", "realnvp", "folder-my-images")
+    mine = realnvp.parse(["--dataset", f"folder:{images}", "--flow", "glow", "--out", str(tmp_path / "mine")])
+    assert mine.out == str(tmp_path / "mine") and mine.ckpt == str(tmp_path / "mine" / "ckpt.pt")
+    ckpt = realnvp.parse(["--dataset", f"folder:{images}", "--flow", "glow", "--ckpt", str(tmp_path / "c.pt")])
+    assert ckpt.out == os.path.join("runs", "realnvp", "folder-my-images-glow") and ckpt.ckpt == str(tmp_path / "c.pt")
 
 
 def test_help_shows_the_flows_preset(capsys):
