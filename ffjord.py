@@ -18,15 +18,26 @@ is carried to z(t1), which has the base density N(0, I); the log-density changes
                                                               from t1 to t0 together with z(t), from z(t1))
 
 The state integrated is [z, Delta] with dDelta/dt = -Tr(df/dz), Delta(t0) = 0, so log p(x) = log N(z(t1)) - Delta(t1).
-Sampling runs the same ODE from t1 back to t0 from z(t1) ~ N(0, I). Every ODE here is solved by the adaptive
-Dormand-Prince 5(4) method written below (error per step <= atol + rtol |z| in RMS norm); --grad adjoint
-differentiates with the adjoint ODE (memory independent of the number of steps), --grad direct backpropagates
-through the solver's operations. NFE = network evaluations f(z, t); nfe_f per training step, nfe_b for the
-adjoint solve (direct: 0 solver evaluations, the backward pass replays the nfe_f recorded ones).
+Sampling runs the same ODE from t1 back to t0 from z(t1) ~ N(0, I), for z alone (Delta is not needed, so no trace
+is computed). Every ODE here is solved by the adaptive Dormand-Prince 5(4) method written below: a step is accepted
+when the RMS of its error relative to atol + rtol |y| is <= 1 for every tensor of the state (z, Delta; in the
+adjoint solve also a_z, a_Delta and each parameter's a_theta), the max over tensors of torchdiffeq's mixed norm,
+so that no tensor's error hides among another's entries. --grad adjoint differentiates with the adjoint ODE (memory
+independent of the number of steps), --grad direct backpropagates through the solver's operations. NFE = network
+evaluations f(z, t); nfe_f per training step, nfe_b for the adjoint solve (direct: 0 solver evaluations, the
+backward pass replays the nfe_f recorded ones).
+
+Learned end time (--learn-T, FFJORD's --train_T): each block's T = sqrt_end_time^2 is a parameter, initialised from
+--time-length, and the block solves the same ODE on s = t / T in [0, 1], dz/ds = T f(z, T s), dDelta/ds =
+-T Tr(df/dz), so T is one more parameter of the dynamics for the adjoint and for backpropagation alike (FFJORD
+instead passes [0, T] to torchdiffeq as the integration times). --no-learn-T keeps T fixed: no parameter, t itself
+runs over [0, T], the model and its state dict as before --learn-T existed (checkpoints written then load with
+--no-learn-T; with --learn-T, common.load_model_state refuses them, naming sqrt_end_time). The log line shows T
+(the mean over blocks) when it is learned; every evaluation record holds it.
 
 Models. 2D toys: one CNF block (--blocks) whose f is an MLP of concatsquash layers, h = (W x + b) *
-sigmoid(W_g t + b_g) + W_b t, tanh, T = 0.5, exact trace (2 vector-Jacobian products: cheap in 2D, and no
-estimator variance; train_toy.py defaults to Hutchinson with a Rademacher probe, which --trace hutchinson gives).
+sigmoid(W_g t + b_g) + W_b t, tanh, T = 0.5 learned, exact trace (2 vector-Jacobian products: cheap in 2D, and no
+estimator variance; --trace hutchinson gives the estimator).
 Images: x in [0, 1] is dequantized, y = (255 x + u) / 256, u ~ U[0, 1), mapped by the logit transform
 s = alpha + (1 - 2 alpha) y, v = logit(s), and v goes through CNF blocks of conv nets (concat layers: t is one more
 input channel; 3x3 convs, softplus). --multiscale is FFJORD's ODE-NVP: at each scale blocks, a squeeze (C, H, W)
@@ -38,17 +49,19 @@ solver, the trace and the log-densities stay fp32: error control at rtol 1e-5 is
 adaptive solver reads one number per attempted step (the error norm, to accept or reject it and size the next
 step): an inherent host sync; nothing else syncs in the training step beyond the Logger's one per log line.
 
-Deviations from the papers: the end time T is fixed (FFJORD's code can also learn it, --train_T); --compile is
-refused (the trace needs double backward, which torch.compile does not support).
-Presets: `toy` (every 2D set): train_toy.py's defaults for width (3 x 64), 1 block, rtol = atol = 1e-5, batch 200,
-lr 1e-3, 10000 steps, no weight decay; concatsquash layers, tanh and T = 0.5 are our choices (train_toy.py's default
-layer ignores t). `mnist` is FFJORD's MNIST model
-(train_cnf.py: --multiscale, 2 blocks per group, 3 x 64-channel hidden concat conv layers (4 convs), softplus,
-Rademacher probe, adjoint, batch 200, lr 1e-3 with 1000 warm-up steps, rtol = atol = 1e-5, alpha 1e-6,
-1000 epochs = 300k steps); paper: 0.99 bpd. `fashion-mnist` is a small CPU model: multiscale, 1 block per group
-(5 blocks), 2 x 16-channel concat conv layers, rtol = atol = 1e-3 in training (1e-4 in evaluation), Rademacher
-probe, --grad direct (1.6x faster than the adjoint on one CPU core at this size), batch 32, 300 steps, first 200
-test images: a smoke-scale demo, far from FFJORD's numbers.
+Deviations from the papers: --compile is refused (the trace needs double backward, which torch.compile does not
+support); no regularizers, spectral norm or batch norm (FFJORD's options, off by default in its scripts).
+Presets: `toy` (every 2D set) is rtqichen/ffjord train_toy.py's defaults: f of 3 x 64 concatsquash layers, tanh,
+1 block, T = 0.5 learned (--train_T True), exact trace (its brute_force divergence), dopri5 at rtol = atol = 1e-5,
+batch 100, Adam lr 1e-3, weight decay 1e-5, 10000 steps. `mnist` is FFJORD's MNIST model (train_cnf.py with
+README's flags: --multiscale, 2 blocks per group, 3 x 64-channel hidden concat conv layers (4 convs), softplus,
+Rademacher probe, adjoint, T = 1 learned (--train_T True), batch 200, lr 1e-3 with 1000 warm-up steps, no weight
+decay, rtol = atol = 1e-5, alpha 1e-6, 1000 epochs = 300k steps); paper: 0.99 bpd. `fashion-mnist` is a small CPU
+model of ours, not an official configuration: multiscale, 1 block per group (5 blocks), 2 x 16-channel concat conv
+layers, T = 1 fixed (--no-learn-T, as in the run measured below), rtol = atol = 1e-3 in training (1e-4 in
+evaluation), Rademacher probe, --grad direct (1.6x faster than the adjoint on one CPU core at this size), batch 32,
+300 steps, first 200 test images: a smoke-scale demo, far from FFJORD's numbers. Other data sets (cifar10,
+folder:) take the Config defaults, which learn T as both official scripts do.
 
 Run:
     python ffjord.py --dataset 8gaussians               # 2D toy -> runs/ffjord/8gaussians (density_*.png, samples_*.png)
@@ -68,16 +81,26 @@ on common's 10000 toy test points, exact trace, rtol = atol = 1e-5; NFE = f eval
       swissroll     2.731 nats   0.18 s/step   NFE train fwd 57 / adjoint 38 at the end, eval 56
       2spirals      3.064 nats   0.09 s/step   NFE train fwd 87 / adjoint 66 at the end, eval 95
       (s/step: the median of the logged it/s; the load from other jobs varied, so it does not track NFE.)
+  These were measured before the per-tensor error norm and --learn-T (issue 12): one RMS over the whole state, T
+  fixed, no weight decay (today's --no-learn-T --weight-decay 0). Re-checked on 8gaussians for 200 steps only
+  (--steps 200 --batch-size 256): with --no-learn-T --weight-decay 0 the losses are unchanged to 4 digits (test
+  3.3186 nats), the NFE per step at steps 150-200 is fwd 37 / adjoint 32 (was 38 / 26: the adjoint solve was looser
+  than asked), eval NFE 50 (was 38); with the preset's learned T (and weight decay), T = 0.624 at step 200, fwd 36 /
+  adjoint 42, test 3.339 nats. The 2000-step table awaits a re-run.
+  Sampling (z alone, no trace): 20000 points of the 200-step 8gaussians model in 0.95 s, NFE 32 (3.24 s with the
+  trace integrated too), min of 4 in one process.
   (references: 8gaussians' own entropy is 2.84 nats, checkerboard's log 32 = 3.47; FFJORD trains 10000 steps.)
   Heat maps and samples: runs/ffjord/D/density_2000.png, samples_2000.png.
-Fashion-MNIST, `python ffjord.py` (the preset above; 745 s in all): test 4.397 bits/dim (bound: dequantized,
-  first 200 test images, Hutchinson trace, rtol = atol = 1e-4, eval NFE 112 per batch over all 5 blocks); train
-  bpd 4.38 at step 300, 2.4 s/step, NFE 70 at the start, 94 at most, 82 at the end (direct gradients: no
-  adjoint solve). Samples (runs/ffjord/fashion-mnist/samples_300.png) are bright blobs, not garments yet.
-MNIST preset on CPU (one core), batch 200, at initialisation: 350 s and 335 s for steps 1 and 2 (NFE 200 forward
-  + 200 adjoint over the 10 blocks, 1.2 GB), on synthetic MNIST-format images (tests/conftest.py's
-  write_mnist_like, 512 training images): `python ffjord.py --dataset mnist --data-dir /tmp/fake_mnist --steps 2
-  --log-every 1 --eval-n 1` (stopped after step 2). NFE, hence time, grows as training proceeds. Not run on a GPU.
+Fashion-MNIST, `python ffjord.py` (the preset above, measured before the per-tensor norm; 745 s in all): test
+  4.397 bits/dim (bound: dequantized, first 200 test images, Hutchinson trace, rtol = atol = 1e-4, eval NFE 112 per
+  batch over all 5 blocks); train bpd 4.38 at step 300, 2.4 s/step, NFE 70 at the start, 94 at most, 82 at the end
+  (direct gradients: no adjoint solve). Samples (runs/ffjord/fashion-mnist/samples_300.png) are bright blobs, not
+  garments yet.
+MNIST preset on CPU (one core; measured before the per-tensor norm and --learn-T), batch 200, at initialisation:
+  350 s and 335 s for steps 1 and 2 (NFE 200 forward + 200 adjoint over the 10 blocks, 1.2 GB), on synthetic
+  MNIST-format images (tests/conftest.py's write_mnist_like, 512 training images): `python ffjord.py --dataset
+  mnist --data-dir /tmp/fake_mnist --steps 2 --log-every 1 --eval-n 1` (stopped after step 2). NFE, hence time,
+  grows as training proceeds. Not run on a GPU.
 """
 import math
 import time
@@ -102,7 +125,8 @@ class Config(common.TrainConfig):
     act: str = common.choice("tanh", "softplus", "elu")  # activation of f
     blocks: int = 1  # CNF blocks in a row (with --multiscale: per group, two groups per scale but the last)
     multiscale: bool = False  # images: FFJORD's ODE-NVP (squeeze, blocks, factor out half, per scale)
-    time_length: float = 0.5  # T: every block integrates t from 0 to T
+    time_length: float = 0.5  # T: every block integrates t from 0 to T (with --learn-T: T's initial value)
+    learn_T: bool = True  # learn each block's T = sqrt_end_time^2 (FFJORD's --train_T, True in both its scripts)
     rtol: float = 1e-5  # relative tolerance of the training solves
     atol: float = 1e-5  # absolute tolerance of the training solves
     eval_tol: float = 1e-5  # rtol = atol of the evaluation and sampling solves
@@ -112,18 +136,19 @@ class Config(common.TrainConfig):
     grad: str = common.choice("adjoint", "direct")  # adjoint ODE, or backpropagation through the solver steps
     alpha: float = 1e-6  # images: logit transform s = alpha + (1 - 2 alpha) y
     warmup: int = 0  # steps of linear learning-rate warm-up
+    weight_decay: float = 0.0  # Adam's (L2) weight decay
     grad_clip: float = 0.0  # max gradient norm (0 = no clipping)
     max_solver_steps: int = 2000  # a solve taking more steps returns NaN (the training step is then skipped)
 
 
 PRESETS = {
-    "toy": dict(hidden=64, layers=3, layer="concatsquash", act="tanh", blocks=1, time_length=0.5, rtol=1e-5, atol=1e-5,
-                batch_size=200, lr=1e-3, steps=10000, log_every=100, ckpt_every=1000),
+    "toy": dict(hidden=64, layers=3, layer="concatsquash", act="tanh", blocks=1, time_length=0.5, learn_T=True, rtol=1e-5,
+                atol=1e-5, batch_size=100, lr=1e-3, weight_decay=1e-5, steps=10000, log_every=100, ckpt_every=1000),
     "fashion-mnist": dict(hidden=16, layers=2, layer="concat", act="softplus", blocks=1, multiscale=True, time_length=1.0,
-                          rtol=1e-3, atol=1e-3, eval_tol=1e-4, probe="rademacher", grad="direct", batch_size=32, lr=1e-3,
-                          warmup=20, steps=300, log_every=10, ckpt_every=100, eval_n=200),
+                          learn_T=False, rtol=1e-3, atol=1e-3, eval_tol=1e-4, probe="rademacher", grad="direct", batch_size=32,
+                          lr=1e-3, warmup=20, steps=300, log_every=10, ckpt_every=100, eval_n=200),
     "mnist": dict(hidden=64, layers=3, layer="concat", act="softplus", blocks=2, multiscale=True, time_length=1.0,
-                  rtol=1e-5, atol=1e-5, eval_tol=1e-5, probe="rademacher", grad="adjoint", batch_size=200, lr=1e-3,
+                  learn_T=True, rtol=1e-5, atol=1e-5, eval_tol=1e-5, probe="rademacher", grad="adjoint", batch_size=200, lr=1e-3,
                   warmup=1000, steps=300_000, log_every=100, ckpt_every=2000, eval_every=30_000),
 }
 
@@ -143,29 +168,34 @@ def _axpy(y, h, coeffs, ks):  # y + h * sum_i coeffs[i] * ks[i], for each tensor
     return [yj + h * sum(c * k[j] for c, k in zip(coeffs, ks) if c != 0) for j, yj in enumerate(y)]
 
 
-def _error_ratio(err, y0, y1, rtol, atol):
-    """RMS over every element of the state of err / (atol + rtol max(|y0|, |y1|)): <= 1 accepts the step."""
-    r = torch.cat([(e / (atol + rtol * torch.maximum(a.abs(), b.abs()))).flatten() for e, a, b in zip(err, y0, y1)])
-    return r.detach().float().pow(2).mean().sqrt().item()  # the solver's one host sync per attempted step
+def _norm(v, scale):
+    """max over the tensors of the state of RMS(v_j / scale_j): torchdiffeq's _mixed_norm (misc.py; the adjoint's
+    default norm in adjoint.py takes it over [y, a, each a_theta]). One RMS over the whole state would let the
+    thousands of parameter-adjoint entries of the backward solve, or the D entries of z, hide the error of a few."""
+    r = torch.stack([(a / s).detach().float().pow(2).mean().sqrt() for a, s in zip(v, scale) if a.numel()])
+    return r.max().item()  # the solver's one host sync per attempted step
+
+
+def _error_ratio(err, y0, y1, rtol, atol):  # <= 1 accepts the step: every tensor's error within atol + rtol max(|y0|, |y1|)
+    return _norm(err, [atol + rtol * torch.maximum(a.abs(), b.abs()) for a, b in zip(y0, y1)])
 
 
 def _initial_step(f, t0, y0, k0, direction, rtol, atol):
     """Hairer, Norsett & Wanner, "Solving ODEs I", II.4: a first step from the sizes of y0, f(y0) and f's change."""
     scale = [atol + rtol * y.abs() for y in y0]
-    norm = lambda v: torch.cat([(a / s).flatten() for a, s in zip(v, scale)]).detach().float().pow(2).mean().sqrt().item()
-    d0, d1 = norm(y0), norm(k0)
+    d0, d1 = _norm(y0, scale), _norm(k0, scale)
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     k1 = f(t0 + direction * h0, [y + direction * h0 * k for y, k in zip(y0, k0)])
-    d2 = norm([a - b for a, b in zip(k1, k0)]) / h0
+    d2 = _norm([a - b for a, b in zip(k1, k0)], scale) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
     return min(100 * h0, h1)
 
 
 def dopri5(f, y0, t0, t1, rtol, atol, max_steps=2000):
     """Solve dy/dt = f(t, y) from t0 to t1 (either direction) for a list of tensors y; returns y(t1).
-    Adaptive Dormand-Prince 5(4): a step is accepted if the RMS of its error estimate, relative to
-    atol + rtol |y|, is <= 1; the next step is h * clamp(0.9 ratio^(-1/5), 0.2, 10). A non-finite error or more
-    than max_steps attempts returns NaNs, so the caller's loss is non-finite and common.Update skips the step."""
+    Adaptive Dormand-Prince 5(4): a step is accepted if the RMS of its error estimate, relative to atol + rtol |y|,
+    is <= 1 for every tensor of y (_norm); the next step is h * clamp(0.9 ratio^(-1/5), 0.2, 10). A non-finite error
+    or more than max_steps attempts returns NaNs, so the caller's loss is non-finite and common.Update skips the step."""
     y, t = list(y0), float(t0)
     if t1 == t0:
         return y
@@ -195,7 +225,8 @@ class AdjointSolve(torch.autograd.Function):
     """y(t1) = dopri5(f, y(t0)) without recording the steps; backward solves the adjoint ODE of Chen et al. (Alg. 1)
     from t1 back to t0 for the augmented state [y(t), a(t), a_theta(t)]:
         dy/dt = f(t, y),   da/dt = -a^T df/dy,   da_theta/dt = -a^T df/dtheta,   a(t1) = dL/dy(t1), a_theta(t1) = 0
-    giving dL/dy(t0) = a(t0) and dL/dtheta = a_theta(t0); y(t) is recomputed backwards from y(t1)."""
+    giving dL/dy(t0) = a(t0) and dL/dtheta = a_theta(t0); y(t) is recomputed backwards from y(t1). Its steps are
+    controlled per tensor of the augmented state (_norm: each of y, a and every parameter's a_theta), as torchdiffeq's."""
 
     @staticmethod
     def forward(ctx, f, t0, t1, rtol, atol, max_steps, n, *y0_and_params):
@@ -300,43 +331,64 @@ def draw_probe(like, probe):
 
 
 class ODEfunc(nn.Module):
-    """The dynamics of the state [z, Delta]: dz/dt = f(z, t), dDelta/dt = -Tr(df/dz). The Hutchinson probe eps is
-    drawn once per solve (set_probe) and kept fixed over the solve, so the estimate is the integral of one smooth
-    function (FFJORD); the adjoint pass reuses the same eps. Counts its evaluations in nfe."""
+    """The dynamics of the state [z, Delta]: dz/dt = f(z, t), dDelta/dt = -Tr(df/dz); of the state [z] alone
+    (sampling): dz/dt only, no trace. The Hutchinson probe eps is drawn once per solve (set_probe) and kept fixed over
+    the solve, so the estimate is the integral of one smooth function (FFJORD); the adjoint pass reuses the same eps.
+    A learned end time T (FFJORD's train_T: T = sqrt_end_time^2, a parameter) rescales time, t = T s with s in [0, 1]:
+        dz/ds = T f(z, T s),   dDelta/ds = -T Tr(df/dz)
+    so T is an ordinary parameter of the dynamics for the adjoint and for backpropagation. Counts evaluations in nfe."""
 
-    def __init__(self, net, autocast=None):
+    def __init__(self, net, autocast=None, T_init=None):
         super().__init__()
         self.net, self.autocast = net, autocast
-        self.trace, self.eps, self.nfe = "exact", None, 0
+        self.trace, self.eps, self.nfe, self.learn_T = "exact", None, 0, T_init is not None
+        if self.learn_T:  # T_init None: T fixed, no parameter, and t runs over [0, T] itself
+            self.sqrt_end_time = nn.Parameter(torch.tensor(math.sqrt(T_init)))
 
     def set_probe(self, z, trace, probe):
         self.trace, self.eps = trace, (draw_probe(z, probe) if trace == "hutchinson" else None)
 
+    def velocity(self, t, z):  # f(z, t), or T f(z, T s) with a learned T (t is then s)
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        T = self.sqrt_end_time ** 2 if self.learn_T else None
+        tt = tt if T is None else T.to(z.dtype) * tt
+        with self.autocast() if self.autocast else torch.autocast(z.device.type, enabled=False):
+            dz = self.net(tt, z)
+        dz = dz.float() if dz.dtype in (torch.float16, torch.bfloat16) else dz
+        return dz if T is None else T.to(dz.dtype) * dz
+
     def forward(self, t, state):
         self.nfe += 1
         z, create_graph = state[0], torch.is_grad_enabled()  # no graph needed under no_grad / in the adjoint forward
+        if len(state) == 1:  # [z] alone: sampling needs no trace (nor, under no_grad, a graph)
+            return [self.velocity(t, z)]
         with torch.enable_grad():
             z = z if z.requires_grad else z.detach().requires_grad_(True)
-            tt = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-            with self.autocast() if self.autocast else torch.autocast(z.device.type, enabled=False):
-                dz = self.net(tt, z)
-            dz = dz.float() if dz.dtype in (torch.float16, torch.bfloat16) else dz
+            dz = self.velocity(t, z)  # with a learned T, dz = T f, so the traces below are T Tr(df/dz)
             tr = trace_exact(dz, z, create_graph) if self.trace == "exact" else trace_hutchinson(dz, z, self.eps, create_graph)
         return [dz, -tr] if create_graph else [dz.detach(), -tr.detach()]
 
 
 class CNF(nn.Module):
-    """One continuous normalizing flow block: [z, Delta] from t = 0 to t = T (reverse: from T to 0)."""
+    """One continuous normalizing flow block: [z, Delta] from t = 0 to t = T (reverse: from T to 0); delta None: z
+    alone (sampling). A learned T (learn_T): the same ODE solved over s = t / T from 0 to 1 (ODEfunc)."""
 
-    def __init__(self, net, T, autocast=None):
+    def __init__(self, net, T, autocast=None, learn_T=False):
         super().__init__()
-        self.func, self.T = ODEfunc(net, autocast), T
+        self.func, self.T_fixed = ODEfunc(net, autocast, T if learn_T else None), T
+
+    def end_time(self):  # T (learned: sqrt_end_time^2), a detached 0-d tensor on the parameters' device
+        f = self.func
+        return f.sqrt_end_time.detach() ** 2 if f.learn_T else torch.tensor(self.T_fixed, device=next(self.parameters()).device)
 
     def forward(self, z, delta, opts, reverse=False):
-        self.func.set_probe(z, opts["trace"], opts["probe"])
-        t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
-        z, delta = odeint(self.func, [z, delta], t0, t1, opts["rtol"], opts["atol"], opts["grad"] == "adjoint", opts["max_steps"])
-        return z, delta
+        state = [z] if delta is None else [z, delta]
+        if delta is not None:
+            self.func.set_probe(z, opts["trace"], opts["probe"])
+        T = 1.0 if self.func.learn_T else self.T_fixed  # learned T: s runs over [0, 1]
+        t0, t1 = (T, 0.0) if reverse else (0.0, T)
+        state = odeint(self.func, state, t0, t1, opts["rtol"], opts["atol"], opts["grad"] == "adjoint", opts["max_steps"])
+        return state[0], (state[1] if delta is not None else None)
 
 
 def std_normal_log_prob(z):  # log N(z; 0, I), summed per example
@@ -349,10 +401,11 @@ class FlowModel(nn.Module):
 
     def __init__(self, cfg, shape, autocast=None):
         super().__init__()
-        self.shape, self.image, self.alpha = tuple(shape), len(shape) == 3, cfg.alpha
+        self.shape, self.image, self.alpha, self.learn_T = tuple(shape), len(shape) == 3, cfg.alpha, cfg.learn_T
         self.opts = dict(rtol=cfg.rtol, atol=cfg.atol, trace=resolve_trace(cfg.trace, shape), probe=cfg.probe,
                          grad=cfg.grad, max_steps=cfg.max_solver_steps)
-        block = lambda d: CNF(ODEnet(d, cfg.hidden, cfg.layers, cfg.layer, cfg.act, conv=self.image), cfg.time_length, autocast)
+        block = lambda d: CNF(ODEnet(d, cfg.hidden, cfg.layers, cfg.layer, cfg.act, conv=self.image), cfg.time_length, autocast,
+                              cfg.learn_T)
         # stages: ("cnf", ModuleList) | ("squeeze",) | ("factor",); built per scale as FFJORD's ODE-NVP
         self.stages, self.groups, c, h = [], nn.ModuleList(), shape[0], (shape[1] if self.image else 0)
         n_scales = 1
@@ -376,6 +429,9 @@ class FlowModel(nn.Module):
     def nfe(self):
         return sum(m.func.nfe for m in self.modules() if isinstance(m, CNF))
 
+    def end_time(self):  # the mean end time T over the CNF blocks (a detached tensor: no host sync)
+        return torch.stack([m.end_time().float() for m in self.modules() if isinstance(m, CNF)]).mean()
+
     def flow(self, v, opts):
         """v -> the list of base-distributed parts z, and Delta = -int Tr(df/dz) dt summed over blocks."""
         z, delta, parts = v, torch.zeros(len(v), device=v.device, dtype=v.dtype), []
@@ -391,13 +447,12 @@ class FlowModel(nn.Module):
         return parts + [z], delta
 
     def inverse(self, parts, opts):
-        """The base parts -> v, running every block from t = T back to 0 (Delta is not needed for sampling)."""
+        """The base parts -> v, running every block from t = T back to 0 on z alone (sampling needs no Delta)."""
         z, parts = parts[-1], list(parts[:-1])
-        delta = torch.zeros(len(z), device=z.device, dtype=z.dtype)
         for stage in reversed(self.stages):
             if stage[0] == "cnf":
                 for cnf in reversed(self.groups[stage[1]]):
-                    z, delta = cnf(z, delta, opts, reverse=True)
+                    z, _ = cnf(z, None, opts, reverse=True)
             elif stage[0] == "squeeze":
                 z = unsqueeze(z)
             else:
@@ -554,7 +609,8 @@ def evaluate(model, data, cfg, run, step):
         log_p.append(model.log_prob(dequantize(x, gen) if model.image else x, opts))
         nfe.append(model.nfe() - before)
     model.train()
-    log_p, extras = torch.cat(log_p), dict(nfe=sum(nfe) / len(nfe), trace=trace, tol=cfg.eval_tol, eval_s=time.time() - t0)
+    log_p, extras = torch.cat(log_p), dict(nfe=sum(nfe) / len(nfe), trace=trace, tol=cfg.eval_tol, eval_s=time.time() - t0,
+                                           T=model.end_time().item())
     if not torch.isfinite(log_p).all():
         common.fail(f"evaluation: {int((~torch.isfinite(log_p)).sum())} non-finite log-densities (a solve exceeded --max-solver-steps?)")
     if model.image:
@@ -575,7 +631,7 @@ def train(cfg):
         common.fail(f"ffjord.py models images or 2D toys; --dataset {cfg.dataset} holds {data.kind} data")
     run = common.setup(cfg, METHOD)
     model = FlowModel(cfg, data.shape, run.autocast if run.dtype else None).to(run.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=run.fused)
     update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)
@@ -584,7 +640,7 @@ def train(cfg):
     run.print(f"FFJORD: {len(model.stages)} stages, {sum(len(g) for g in model.groups)} CNF blocks, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, {o['trace']} trace"
               f"{' (' + o['probe'] + ')' if o['trace'] == 'hutchinson' else ''}, {o['grad']} gradients, "
-              f"rtol {o['rtol']:g} atol {o['atol']:g}")
+              f"rtol {o['rtol']:g} atol {o['atol']:g}, T {model.end_time().item():.4g} ({'learned' if cfg.learn_T else 'fixed'})")
 
     def checkpoint():
         common.save_checkpoint(cfg, run, METHOD, step, model=model, optimizer=opt, batches=batches, update=update, shape=list(data.shape))
@@ -602,6 +658,8 @@ def train(cfg):
             before = model.nfe()
             update(loss)
             terms["nfe_b"] = model.nfe() - before  # adjoint solve; 0 with --grad direct
+            if cfg.learn_T:
+                terms["T"] = model.end_time()  # the learned end time after this step (mean over the blocks)
             step += 1
             log(step, terms)
             if run.main and common.every(step, cfg.eval_every) and step < cfg.steps:
@@ -627,6 +685,8 @@ def check(cfg):
             common.fail(f"--{name.replace('_', '-')} {getattr(cfg, name)} out of range; accepted: integers >= 1")
     if cfg.layers < 0:
         common.fail(f"--layers {cfg.layers} out of range; accepted: integers >= 0")
+    if cfg.weight_decay < 0:
+        common.fail(f"--weight-decay {cfg.weight_decay} out of range; accepted: >= 0")
     for name in ("rtol", "atol", "eval_tol", "time_length"):
         if not getattr(cfg, name) > 0:
             common.fail(f"--{name.replace('_', '-')} {getattr(cfg, name)} out of range; accepted: > 0")

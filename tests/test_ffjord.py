@@ -1,9 +1,13 @@
-"""ffjord.py: the Dormand-Prince solver against the matrix exponential, Hutchinson's estimator is unbiased, adjoint
-gradients equal backpropagation through the solver, forward-then-backward returns the input, the CNF log-density of
-a linear ODE is the exact Gaussian, the multiscale model against the brute-force Jacobian, a learned 2D density
-integrates to 1, learning, and the command line end to end (resume, --eval, --sample, bad flags)."""
+"""ffjord.py: the Dormand-Prince solver against the matrix exponential, its error norm is per tensor of the state,
+Hutchinson's estimator is unbiased, adjoint gradients equal backpropagation through the solver and (at rtol 1e-5) a
+tight direct solve, forward-then-backward returns the input, the CNF log-density of a linear ODE is the exact
+Gaussian, the multiscale model against the brute-force Jacobian, the learned end time T (dL/dT, training, fixed T as
+before), sampling integrates z alone, a learned 2D density integrates to 1, learning, and the command line end to end
+(resume, --eval, --sample, bad flags)."""
+import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -49,6 +53,33 @@ def test_dopri5_matches_the_matrix_exponential_and_the_error_shrinks_with_tolera
             errors.append(err)
     forward = errors[::2]
     assert all(b < a / 10 for a, b in zip(forward, forward[1:])), forward  # 100x tighter tolerance: >10x smaller error
+
+
+def whole_state_rms(v, scale):
+    """The norm ffjord.py used before issue 12: one RMS over every element of the state (for comparisons)."""
+    return torch.cat([(a / s).flatten() for a, s in zip(v, scale)]).detach().float().pow(2).mean().sqrt().item()
+
+
+def test_error_ratio_is_the_max_over_the_tensors_of_the_state(monkeypatch):
+    """A large error-free tensor must not hide a small one's error: the step is rejected (ratio > 1), not averaged
+    away; and in a solve, a 10^4-entry still part leaves the accuracy of a 2-entry rotating part as it is alone."""
+    big, small = torch.ones(10_000, **F64), torch.ones(2, **F64)
+    err = [torch.zeros_like(big), torch.full_like(small, 5e-5)]  # the small part's error is 5 x its tolerance 1e-5
+    ratio = ffjord._error_ratio(err, [big, small], [big, small], 0.0, 1e-5)
+    assert ratio == pytest.approx(5.0, rel=1e-6)  # max over tensors of RMS(err / tol) = max(0, 5): rejected
+    assert whole_state_rms(err, [torch.full_like(big, 1e-5), torch.full_like(small, 1e-5)]) < 0.1  # one RMS: accepted
+    A = torch.tensor([[0.0, -3.0], [3.0, 0.0]], **F64)  # rotation: y(t) = e^{At} y0
+    f = lambda t, y: [y[0] * 0, y[1] @ A.T]
+    y0 = torch.tensor([[1.0, 0.0]], **F64)
+    exact = y0 @ torch.linalg.matrix_exp(A * 2.0).T
+
+    def error(with_big):
+        state = [torch.ones(5000, 2, **F64) if with_big else torch.ones(1, 2, **F64), y0]
+        return (ffjord.dopri5(f, state, 0.0, 2.0, 1e-6, 1e-6)[1] - exact).abs().max().item()
+    alone, beside = error(False), error(True)
+    assert beside < 2 * alone, (alone, beside)
+    monkeypatch.setattr(ffjord, "_norm", whole_state_rms)
+    assert error(True) > 20 * alone  # what one RMS allowed (measured: 1.9e-6 alone and beside, 2.1e-4 with one RMS)
 
 
 @pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
@@ -142,7 +173,8 @@ def test_multiscale_log_density_equals_the_brute_force_change_of_variables():
 
 @pytest.fixture(scope="module")
 def trained_8gaussians():
-    """A 2D CNF (2 x 32 concatsquash, tanh) after 120 seeded Adam steps on 8gaussians, batch 128, rtol = atol = 1e-4."""
+    """A 2D CNF (2 x 32 concatsquash, tanh, T learned as the toy preset does) after 120 seeded Adam steps on
+    8gaussians, batch 128, rtol = atol = 1e-4."""
     torch.manual_seed(0)
     cfg = toy_cfg(hidden=32, rtol=1e-4, atol=1e-4, grad="adjoint", lr=1e-2)
     model = ffjord.FlowModel(cfg, (2,))
@@ -164,7 +196,8 @@ def trained_8gaussians():
 
 def test_training_lowers_the_exact_test_nll(trained_8gaussians):
     """Reproduction threshold: 120 steps take the exact test NLL (2000 points) from 5.95 nats (the initial flow,
-    nearly the identity) to below 3.3 (measured: 3.10); the data's own entropy is log 8 + 1 + log(2 pi 0.354^2) = 2.84."""
+    nearly the identity) to below 3.3 (measured: 3.07; 3.10 with T fixed); the data's own entropy is
+    log 8 + 1 + log(2 pi 0.354^2) = 2.84."""
     _, before, after = trained_8gaussians
     assert before > 5.0 and after < 3.3, (before, after)
 
@@ -176,6 +209,95 @@ def test_learned_density_integrates_to_one(trained_8gaussians):
     assert abs(mass - 1) < 0.015, mass  # (measured: 0.99999)
 
 
+def test_adjoint_gradient_at_1e5_is_close_to_a_tight_direct_solve(trained_8gaussians, monkeypatch):
+    """The trained 2D CNF in float64: dL/dtheta (every parameter, sqrt_end_time among them) and dL/dx by the adjoint at
+    rtol = atol = 1e-5 against backpropagation through a solve at 1e-10; the per-tensor norm against one RMS over the
+    augmented state [z, Delta, a_z, a_Delta, a_theta]. Both solves at 1e-5: the error is mostly the forward solve's
+    (the backward solve recomputes z(t) from an inexact z(t1)); the backward solve's own error (forward at 1e-10)
+    is what the norm controls."""
+    model = copy.deepcopy(trained_8gaussians[0]).double()
+    x = (torch.randn(64, 2, generator=torch.Generator().manual_seed(0), **F64) * 1.5).requires_grad_(True)
+    w, dopri5, norm = torch.linspace(-1, 2, 64, **F64), ffjord.dopri5, ffjord._norm
+
+    def grads(grad, tol, forward_tol, norm_fn):
+        def solve(f, y0, t0, t1, rtol, atol, max_steps):  # the forward solve [z, Delta] at forward_tol, the adjoint's at tol
+            t = tol if len(y0) > 2 else forward_tol
+            return dopri5(f, y0, t0, t1, t, t, max_steps)
+        monkeypatch.setattr(ffjord, "dopri5", solve)
+        monkeypatch.setattr(ffjord, "_norm", norm_fn)
+        model.zero_grad()
+        x.grad = None
+        (model.log_prob(x, {**model.opts, "grad": grad, "trace": "exact"}) * w).sum().backward()
+        return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+    ref = grads("direct", 1e-10, 1e-10, norm)
+    err = lambda g: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g, ref))  # worst tensor, relative
+    both, both_rms = err(grads("adjoint", 1e-5, 1e-5, norm)), err(grads("adjoint", 1e-5, 1e-5, whole_state_rms))
+    back, back_rms = err(grads("adjoint", 1e-5, 1e-9, norm)), err(grads("adjoint", 1e-5, 1e-9, whole_state_rms))
+    assert both < 1e-2 and both < 0.9 * both_rms, (both, both_rms)  # (measured: 3.3e-3 vs 4.2e-3)
+    assert back < 1e-4 and back < 0.5 * back_rms, (back, back_rms)  # (measured: 2.1e-5 vs 6.0e-5)
+
+
+def test_sampling_integrates_z_alone_and_reports_its_nfe(trained_8gaussians, monkeypatch):
+    """sample() solves [z] without the trace: it equals the z part of the full [z, Delta] solve from T back to 0, never
+    calls a trace, and the NFE it reports is the number of evaluations of the network f."""
+    model = trained_8gaussians[0]
+    cnf, tol = model.groups[0][0], 1e-6
+    z1 = torch.randn(500, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full, _ = cnf(z1, torch.zeros(500), {**model.opts, "rtol": tol, "atol": tol, "trace": "exact"}, reverse=True)
+    calls = []
+    hook = cnf.func.net.register_forward_hook(lambda *a: calls.append(1))
+    for name in ("trace_exact", "trace_hutchinson"):
+        monkeypatch.setattr(ffjord, name, lambda *a: pytest.fail("sampling computed a trace"))
+    x, nfe = ffjord.sample(model, 500, "cpu", tol, generator=torch.Generator().manual_seed(7))
+    hook.remove()
+    assert nfe == len(calls) > 0 and (x - full).abs().max() < 1e-4, (nfe, len(calls), (x - full).abs().max())
+    # (measured: 1.4e-5 apart; NFE 50 for z alone, 62 for [z, Delta])
+
+
+def test_learned_end_time_gradient_training_and_fixed_T_as_before(trained_8gaussians):
+    """--learn-T: T = sqrt_end_time^2 is a parameter of the rescaled dynamics T f(z, T s), s in [0, 1]; dL/dT by the
+    adjoint and by backpropagation equals a central finite difference; training moves T (0.5 at the start). Fixed T:
+    no parameter (the old state dict), f sees t in [0, T] itself, and the same log-density; a state dict without
+    sqrt_end_time is refused by a learn-T model with common.load_model_state's one line."""
+    torch.manual_seed(0)
+    learned = ffjord.FlowModel(toy_cfg(learn_T=True, time_length=0.7), (2,)).double()
+    x = common.toy_sample("8gaussians", 32, torch.Generator().manual_seed(3)).double()
+    sqrt_T = learned.groups[0][0].func.sqrt_end_time
+    assert learned.end_time().item() == pytest.approx(0.7)
+    tight = {**learned.opts, "trace": "exact", "rtol": 1e-10, "atol": 1e-10}
+    loss = lambda opts: -learned.log_prob(x, opts).mean()
+    with torch.no_grad():
+        fd = []
+        for T in (0.7 + 1e-5, 0.7 - 1e-5):
+            sqrt_T.fill_(math.sqrt(T))
+            fd.append(loss(tight).item())
+        sqrt_T.fill_(math.sqrt(0.7))
+    dL_dT_fd = (fd[0] - fd[1]) / 2e-5
+    for grad in ("adjoint", "direct"):
+        learned.zero_grad()
+        loss({**tight, "grad": grad}).backward()
+        dL_dT = sqrt_T.grad.item() / (2 * sqrt_T.item())  # dL/dT = dL/dsqrt_end_time / (2 sqrt_end_time)
+        assert dL_dT == pytest.approx(dL_dT_fd, rel=1e-5, abs=1e-7), (grad, dL_dT, dL_dT_fd)
+    assert abs(dL_dT_fd) > 1e-2  # (not a vacuous match)
+    model = trained_8gaussians[0]  # 120 Adam steps with the toy preset's --learn-T
+    assert model.learn_T and abs(model.end_time().item() - 0.5) > 0.05, model.end_time()  # (measured: 0.73)
+
+    fixed = ffjord.FlowModel(toy_cfg(learn_T=False, time_length=0.7), (2,)).double()
+    own = {k: v for k, v in learned.state_dict().items() if "sqrt_end_time" not in k}
+    assert set(fixed.state_dict()) == set(own) and not any("sqrt_end_time" in k for k, _ in fixed.named_parameters())
+    common.load_model_state(fixed, own, "old.pt")  # the same weights; an old checkpoint loads as before
+    seen = []
+    fixed.groups[0][0].func.net.register_forward_hook(lambda m, a, out: seen.append(float(a[0])))
+    with torch.no_grad():
+        assert torch.allclose(fixed.log_prob(x, tight), learned.log_prob(x, tight), atol=1e-8)
+    assert min(seen) == 0.0 and max(seen) == pytest.approx(0.7)  # t itself over [0, T], not s over [0, 1]
+    assert fixed.end_time().item() == pytest.approx(0.7)
+    with pytest.raises(SystemExit, match=r"old.pt does not fit this model: 1 tensors differ, e.g. groups.0.0.func.sqrt_end_time"):
+        common.load_model_state(learned, own, "old.pt")
+
+
 def test_toy_command_line_resume_eval_and_sample(tmp_path):
     out = tmp_path / "moons"
     args = ["--dataset", "moons", "--hidden", "8", "--layers", "1", "--batch-size", "32", "--eval-n", "200",
@@ -183,6 +305,7 @@ def test_toy_command_line_resume_eval_and_sample(tmp_path):
     p = run_script(PYTHON, "ffjord.py", "--steps", "2", *args)
     assert p.returncode == 0, p.stderr
     assert "step 2/2 | loss" in p.stdout and "nfe_f" in p.stdout and "nfe_b" in p.stdout, p.stdout
+    assert "T 0.5 (learned)" in p.stdout and re.search(r"\| T 0\.\d+ \|", p.stdout), p.stdout  # the toy preset learns T, logs it
     for name in ("ckpt.pt", "config.json", "density_2.png", "samples_2.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
     p = run_script(PYTHON, "ffjord.py", "--steps", "4", "--resume", *args)
@@ -191,7 +314,7 @@ def test_toy_command_line_resume_eval_and_sample(tmp_path):
     assert p.returncode == 0 and "samples/s" in p.stdout and (out / "sample.png").is_file(), p.stdout + p.stderr
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 4 and rec["unit"] == "nats" and rec["kind"] == "exact" and rec["n_test"] == 300
-    assert rec["trace"] == "exact" and rec["nfe"] > 0 and 1 < rec["test_nll"] < 6
+    assert rec["trace"] == "exact" and rec["nfe"] > 0 and 1 < rec["test_nll"] < 6 and rec["T"] > 0
 
 
 def test_image_command_line_end_to_end(tmp_path, fake_fashion):
