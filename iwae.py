@@ -15,17 +15,25 @@ Jensen's inequality is applied to an average of k importance weights instead of 
 With two stochastic layers (`--layers 2`), z = (h1, h2), q(z|x) = q(h1|x) q(h2|h1) and
 p(x, z) = p(h2) p(h1|h2) p(x|h1), every conditional a diagonal Gaussian except p(x|h1).
 
-Networks, as the paper (section 5; Glorot-uniform weights): 1 stochastic layer = 784-200-200-50 tanh (and
-the mirror decoder); 2 stochastic layers = 784-100-100-[h1 100]-50-50-[h2 50] tanh. Bernoulli p(x|h1) for
-binarized data (nats per image); for 8-bit data the discretized logistic of vae.py (bits/dim). Optimisation:
-Adam (beta 0.9, 0.999, eps 1e-4), batch 20, lr 1e-3 * 10^(-i/7) for 3^i epochs, i = 0..7 (3280 epochs). The
-test NLL is the k = 5000 importance-sampled estimate log 1/5000 sum_i w_i (an estimate: its expectation is a
-lower bound on log p(x)), and a unit u is active if Cov_x(E_{u ~ q(u|x)}[u]) > 0.01.
+Networks, as the paper (section 5) and its official code (yburda/iwae, experiments.py): 1 stochastic layer =
+784-200-200-[h1 50] tanh and the mirror decoder; 2 stochastic layers = 784-200-200-[h1 100]-100-100-[h2 50] tanh
+(q's hidden units [[200, 200], [100, 100]], p's the reverse); Glorot-uniform weights, zero biases, except, as the
+official code, the Bernoulli output bias = logit of the mean training image (grey levels clipped to [0.001, 0.999])
+and q(h1|x) reading the binary x itself (8-bit data: 2x - 1). Bernoulli p(x|h1) for binarized data (nats per image);
+for 8-bit data the discretized logistic of vae.py (bits/dim). Test NLL: the k = 5000 importance-sampled estimate
+log 1/5000 sum_i w_i (an estimate: its expectation is a lower bound on log p(x)); a unit u is active if
+Cov_x(E_{u ~ q(u|x)}[u]) > 0.01. Batch 20, lr 1e-3 * 10^(-i/7) for 3^i epochs, i = 0..7 (3280 epochs).
+Adam: the paper's text says beta1 = 0.9, beta2 = 0.999, eps = 1e-4; its official code (optimizers.py, train.py) uses
+beta1 = 0.99, beta2 = 0.999 and adds eps = 1e-4 to sqrt(v) of the gradient of the loss summed over the batch of 20,
+i.e. eps = 5e-6 on our batch-mean loss: the `mnist` preset does as the code (--adam-beta1 0.99 --adam-eps 5e-6).
+Other differences from the official code: its v starts at 1, torch's at 0; it trains on the first 59600 images
+(400 held out) in a fixed order, here on all 60000 reshuffled every epoch; q's Gaussians output (mean, log sigma),
+here (mean, log variance).
 
 Simplifications: none in the objective or the networks. `--lr-schedule paper` squeezes the paper's 8 stages
 into --steps in the same proportions (exactly the paper at the `mnist` preset's 3280 epochs); short runs use
 `--lr-schedule constant`. The `fashion-mnist` preset is a fast CPU run: one stochastic layer, ReLU MLPs 256
-wide, 32 latents, 8-bit data.
+wide, 32 latents, 8-bit data, Adam (0.9, 0.999, 1e-4).
 
 Run:
     python iwae.py                                                   # fashion-mnist, k = 5, 8-bit likelihood
@@ -57,7 +65,7 @@ import torch.nn.functional as F
 import common
 
 METHOD = "iwae"
-PAPER_SIZES = {1: ([200], [50]), 2: ([100, 50], [100, 50])}  # layers -> (deterministic widths, stochastic sizes)
+PAPER_SIZES = {1: ([200], [50]), 2: ([200, 100], [100, 50])}  # layers -> (deterministic widths, stochastic sizes)
 
 
 # ----------------------------------------------------------------------------- config
@@ -70,7 +78,8 @@ class Config(common.TrainConfig):
     latent: str = ""  # size of each stochastic layer h1, h2 ('' = the paper's: 50 | 100,50)
     act: str = common.choice("tanh", "relu", "elu")  # activation of the deterministic layers (the paper: tanh)
     lr_schedule: str = common.choice("constant", "paper")  # paper: lr * 10^(-i/7) over stages of 3^i epochs, scaled to --steps (keep --steps on --resume)
-    adam_eps: float = 1e-4  # Adam epsilon (the paper: 1e-4)
+    adam_beta1: float = 0.9  # Adam beta1 (the paper's text: 0.9; its official code: 0.99, the mnist preset)
+    adam_eps: float = 1e-4  # Adam epsilon on the batch-mean loss (the paper: 1e-4; the official code's 1e-4 on the batch sum = 1e-4 / batch)
     grad_clip: float = 0.0  # max gradient norm (0 = no clipping)
     eval_k: int = 5000  # importance samples per test example for the NLL estimate (the paper: 5000)
 
@@ -79,7 +88,7 @@ PRESETS = {
     "fashion-mnist": dict(k=5, layers=1, hidden="256", latent="32", act="relu", steps=6000, batch_size=128,
                           lr=1e-3, log_every=500, ckpt_every=2000, eval_n=1000, eval_k=1000),
     "mnist": dict(binarize=True, k=50, layers=1, act="tanh", lr_schedule="paper", steps=3280 * 3000, batch_size=20,
-                  lr=1e-3, log_every=3000, ckpt_every=30000, eval_every=300_000, eval_k=5000),
+                  lr=1e-3, adam_beta1=0.99, adam_eps=5e-6, log_every=3000, ckpt_every=30000, eval_every=300_000, eval_k=5000),
 }
 
 
@@ -112,7 +121,7 @@ def mlp(d_in, d_out, hidden, act):  # two deterministic layers, as every conditi
 class IWAE(nn.Module):
     """q(z|x) = q(h1|x) [q(h2|h1)], p(x, z) = [p(h2) p(h1|h2)] p(x|h1), p(h_L) = N(0, I); Gaussians are diagonal."""
 
-    def __init__(self, cfg, shape):
+    def __init__(self, cfg, shape, train_mean=None):
         super().__init__()
         self.shape, self.bernoulli = tuple(shape), cfg.binarize
         widths, self.latents = sizes(cfg)
@@ -125,6 +134,12 @@ class IWAE(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.bernoulli and train_mean is not None:  # official code: output bias = logit of the mean training image
+            with torch.no_grad():
+                self.p[0][-1].bias.copy_(torch.logit(train_mean.flatten().clamp(0.001, 0.999)))
+
+    def inputs(self, x):  # what q(h1|x) sees: binary x itself (official code), 8-bit data as 2x - 1
+        return x if self.bernoulli else 2 * x - 1
 
     def log_px_h1(self, x, h1):
         """log p(x|h1) summed over sub-pixels, fp32; x (B, D), h1 (..., B, K1) -> (..., B)."""
@@ -138,7 +153,7 @@ class IWAE(nn.Module):
         """log w_i = log p(x, z_i) - log q(z_i|x) for k samples: (k, B) in fp32; also the per-layer
         KL estimates log q - log p (k, B) and E_q[h_l] per example (for the active units)."""
         x = x.flatten(1)  # (B, D)
-        below, log_q, means, hs = (2 * x - 1)[None], [], [], []  # below: (1, B, D), then (k, B, K_l)
+        below, log_q, means, hs = self.inputs(x)[None], [], [], []  # below: (1, B, D), then (k, B, K_l)
         for q in self.q:  # ancestral sampling from q: h1 ~ q(h1|x), h2 ~ q(h2|h1)
             mu, logvar = up(q(below)).expand(k, -1, -1).chunk(2, dim=-1)  # (k, B, K_l) each
             h = reparameterize(mu, logvar)
@@ -233,7 +248,7 @@ def sample(model, n, device):
 @torch.no_grad()
 def reconstruct(model, x):
     """Decode the posterior mean of h1 (the mean image of p(x|h1 = E_q[h1]))."""
-    return model.mean_image(up(model.q[0](2 * x.flatten(1) - 1)).chunk(2, dim=-1)[0])
+    return model.mean_image(up(model.q[0](model.inputs(x.flatten(1)))).chunk(2, dim=-1)[0])
 
 
 def save_images(model, x, out, step):
@@ -283,8 +298,9 @@ def train(cfg):
     if data.kind != "image":
         common.fail(f"iwae.py models images; --dataset {cfg.dataset} holds {data.kind} data")
     run = common.setup(cfg, METHOD)
-    model = IWAE(cfg, data.shape).to(run.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=run.fused)
+    train_mean = sum(b.float().sum(0) for b in data.train.split(4096)) / (255 * len(data.train)) if cfg.binarize else None
+    model = IWAE(cfg, data.shape, train_mean).to(run.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), eps=cfg.adam_eps, fused=run.fused)
     update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
     batches = common.Batches(data, cfg, run)
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update)

