@@ -309,7 +309,9 @@ def mutual_info(mu, logvar):
     B, K = mu.shape
     neg_entropy = (-0.5 * K * math.log(2 * math.pi) - 0.5 * (1 + logvar).sum(1)).mean()  # E_q(z|x) log q(z|x), averaged
     z, inv_var = reparameterize(mu, logvar), torch.exp(-logvar)
-    quad = z.pow(2) @ inv_var.T - 2 * z @ (mu * inv_var).T + (mu.pow(2) * inv_var).sum(1)[None]  # (B, B) sum_k (z_ik - mu_jk)^2 / var_jk
+    # (B, B) sum_k (z_ik - mu_jk)^2 / var_jk from the differences, 100 rows at a time: the expanded form
+    # z^2/var - 2 z mu/var + mu^2/var cancels catastrophically in fp32 for narrow q (WAE: log var down to -21)
+    quad = torch.cat([((zc[:, None] - mu[None]).pow(2) * inv_var[None]).sum(-1) for zc in z.split(100)])
     log_q = -0.5 * (K * math.log(2 * math.pi) + logvar.sum(1)[None] + quad)  # (B, B) log q(z_i | x_j)
     return neg_entropy - (torch.logsumexp(log_q, 1) - math.log(B)).mean()
 

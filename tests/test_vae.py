@@ -226,6 +226,13 @@ def test_mutual_information_bounds():
     none = vae.mutual_info(torch.zeros(B, K), torch.zeros(B, K)).item()
     apart = vae.mutual_info(torch.randn(B, K) * 100, torch.full((B, K), -6.0)).item()
     assert abs(none) < 0.05 and apart == pytest.approx(math.log(B), abs=0.05), (none, apart)
+    # narrow q (a WAE's log var reaches -21): fp32 as the fp64 computation, and still at most log B (+ noise)
+    mu, logvar = torch.randn(B, 32) * 3, torch.empty(B, 32).uniform_(-22, -8)
+    torch.manual_seed(1)
+    single = vae.mutual_info(mu, logvar).item()
+    torch.manual_seed(1)
+    double = vae.mutual_info(mu.double(), logvar.double()).item()
+    assert single == pytest.approx(double, abs=0.5) and single < math.log(B) + 0.5, (single, double)
 
 
 def test_wae_loss_and_output_bias():
