@@ -47,14 +47,16 @@ Results (2 CPU cores shared with other jobs, OMP_NUM_THREADS=1; no GPU run yet, 
     cifar10 preset: 35.75M parameters (the paper: 35.7M); CPU s/step, 3 steps of batch 128 on random 3x32x32 data
       (cifar10 files absent): 104, 66, 63 s - a GPU preset; GPU s/step, bound and FD not yet measured.
     fashion-mnist preset: 1.11M parameters, CPU ~1.0 s/step (1.0 it/s at batch 64).
-    `python ddpm.py --steps 900 --ema 0.99 --eval-n 8 --eval-samples 8` (15 min; far short of the preset's 3000 steps):
+    `python ddpm.py --steps 900 --ema 0.99 --eval-n 8 --eval-samples 8` (15 min; before issue 12's fp64 constants):
       train L_simple 0.050 (quartiles q0..q3 0.157, 0.032, 0.008, 0.003); EMA test bound 4.04 bpd on only 8 test
       images (prior 0.00002 + sum L_t 2.43 + decoder 1.60); sampling 0.20 images/s at 1000 network evaluations per
       sample; samples still mostly saturated blocks (FD 1011 from 8 samples: not meaningful).
-    `python ddpm.py` (the preset: 3000 steps of batch 64, ~1.7 it/s alone on 2 cores, 30 min): train L_simple 0.044
-      (quartiles 0.145, 0.027, 0.0062, 0.0014); EMA test bound 3.769 bpd on the preset's 20 test images (prior 0.00002
-      + sum L_t 2.208 + decoder 1.561); 0.33 images/s at 1000 evaluations per sample; FD 401.8 from 16 samples
-      (too few samples to compare with anything).
+    `python ddpm.py` (the preset: 3000 steps of batch 64; 1.0 it/s on one core, OMP_NUM_THREADS=1, the other
+      core busy; resumed once at step 1000): train L_simple 0.044 (quartiles 0.145, 0.027, 0.0062, 0.0014); EMA
+      test bound 3.640 bpd on the preset's 20 test images (prior 0.00002 + sum L_t 2.124 + decoder 1.515); 0.17
+      images/s at 1000 evaluations per sample (batch 16); FD 259.3 from 16 samples (too few to compare with
+      anything). Before the fp64 constants and the EMA warm-up (issue 12): 3.769 bpd (sum L_t 2.208, decoder
+      1.561), FD 401.8.
 For reference, the slides' table (not reproduced here): CIFAR-10 bound 3.70 bpd (DDPM), 2.94 (Improved DDPM).
 """
 import math
