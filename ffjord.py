@@ -18,22 +18,19 @@ is carried to z(t1), which has the base density N(0, I); the log-density changes
                                                               from t1 to t0 together with z(t), from z(t1))
 
 The state integrated is [z, Delta] with dDelta/dt = -Tr(df/dz), Delta(t0) = 0, so log p(x) = log N(z(t1)) - Delta(t1).
-Sampling runs the same ODE from t1 back to t0 from z(t1) ~ N(0, I), for z alone (Delta is not needed, so no trace
-is computed). Every ODE here is solved by the adaptive Dormand-Prince 5(4) method written below: a step is accepted
-when the RMS of its error relative to atol + rtol |y| is <= 1 for every tensor of the state (z, Delta; in the
-adjoint solve also a_z, a_Delta and each parameter's a_theta), the max over tensors of torchdiffeq's mixed norm,
-so that no tensor's error hides among another's entries. --grad adjoint differentiates with the adjoint ODE (memory
-independent of the number of steps), --grad direct backpropagates through the solver's operations. NFE = network
-evaluations f(z, t); nfe_f per training step, nfe_b for the adjoint solve (direct: 0 solver evaluations, the
-backward pass replays the nfe_f recorded ones).
+Sampling runs the ODE from t1 back to t0 from z(t1) ~ N(0, I), for z alone (no trace). Every ODE here is solved by
+the adaptive Dormand-Prince 5(4) method written below: a step is accepted when the RMS of its error relative to
+atol + rtol |y| is <= 1 for every tensor of the state (z, Delta; in the adjoint solve also a_z, a_Delta and each
+parameter's a_theta), the max over tensors of torchdiffeq's mixed norm, so that no tensor's error hides among
+another's entries. --grad adjoint differentiates with the adjoint ODE (memory independent of the number of steps),
+--grad direct backpropagates through the solver's operations. NFE = network evaluations f(z, t); nfe_f per training
+step, nfe_b for the adjoint solve (direct: 0 solver evaluations, the backward pass replays the recorded ones).
 
 Learned end time (--learn-T, FFJORD's --train_T): each block's T = sqrt_end_time^2 is a parameter, initialised from
 --time-length, and the block solves the same ODE on s = t / T in [0, 1], dz/ds = T f(z, T s), dDelta/ds =
--T Tr(df/dz), so T is one more parameter of the dynamics for the adjoint and for backpropagation alike (FFJORD
-instead passes [0, T] to torchdiffeq as the integration times). --no-learn-T keeps T fixed: no parameter, t itself
-runs over [0, T], the model and its state dict as before --learn-T existed (checkpoints written then load with
---no-learn-T; with --learn-T, common.load_model_state refuses them, naming sqrt_end_time). The log line shows T
-(the mean over blocks) when it is learned; every evaluation record holds it.
+-T Tr(df/dz): T is one more parameter of the dynamics for the adjoint and backpropagation alike (FFJORD passes [0, T]
+to torchdiffeq instead). --no-learn-T: T fixed, t itself runs over [0, T] (older checkpoints load with it; with
+--learn-T, common.load_model_state refuses them, naming sqrt_end_time). The log line and eval records show T.
 
 Models. 2D toys: one CNF block (--blocks) whose f is an MLP of concatsquash layers, h = (W x + b) *
 sigmoid(W_g t + b_g) + W_b t, tanh, T = 0.5 learned, exact trace (2 vector-Jacobian products: cheap in 2D, and no
@@ -44,24 +41,21 @@ input channel; 3x3 convs, softplus). --multiscale is FFJORD's ODE-NVP: at each s
 -> (4C, H/2, W/2), blocks, then half the channels are factored out to N(0, I); scales are added while H >= 4
 (3 for 28 x 28). bits/dim of the 8-bit data: -log P(k) <= -log p(y) + D log 256 (dequantization: a bound).
 
-Precision and host syncs: fp32 by default everywhere (--precision bf16|fp16 autocasts only the network f; the
-solver, the trace and the log-densities stay fp32: error control at rtol 1e-5 is meaningless in bf16). The
-adaptive solver reads one number per attempted step (the error norm, to accept or reject it and size the next
-step): an inherent host sync; nothing else syncs in the training step beyond the Logger's one per log line.
+Precision and host syncs: fp32 by default (--precision bf16|fp16 autocasts only f; solver, trace and log-densities
+stay fp32: rtol 1e-5 is meaningless in bf16). The solver reads one number per attempted step (the error norm, to
+accept the step and size the next): an inherent host sync; nothing else syncs but the Logger's line.
 
-Deviations from the papers: --compile is refused (the trace needs double backward, which torch.compile does not
-support); no regularizers, spectral norm or batch norm (FFJORD's options, off by default in its scripts).
+Deviations: --compile is refused (the trace needs double backward, which torch.compile lacks); no regularizers,
+spectral norm or batch norm (FFJORD's options, off by default in its scripts).
 Presets: `toy` (every 2D set) is rtqichen/ffjord train_toy.py's defaults: f of 3 x 64 concatsquash layers, tanh,
 1 block, T = 0.5 learned (--train_T True), exact trace (its brute_force divergence), dopri5 at rtol = atol = 1e-5,
 batch 100, Adam lr 1e-3, weight decay 1e-5, 10000 steps. `mnist` is FFJORD's MNIST model (train_cnf.py with
 README's flags: --multiscale, 2 blocks per group, 3 x 64-channel hidden concat conv layers (4 convs), softplus,
 Rademacher probe, adjoint, T = 1 learned (--train_T True), batch 200, lr 1e-3 with 1000 warm-up steps, no weight
-decay, rtol = atol = 1e-5, alpha 1e-6, 1000 epochs = 300k steps); paper: 0.99 bpd. `fashion-mnist` is a small CPU
-model of ours, not an official configuration: multiscale, 1 block per group (5 blocks), 2 x 16-channel concat conv
-layers, T = 1 fixed (--no-learn-T, as in the run measured below), rtol = atol = 1e-3 in training (1e-4 in
-evaluation), Rademacher probe, --grad direct (1.6x faster than the adjoint on one CPU core at this size), batch 32,
-300 steps, first 200 test images: a smoke-scale demo, far from FFJORD's numbers. Other data sets (cifar10,
-folder:) take the Config defaults, which learn T as both official scripts do.
+decay, rtol = atol = 1e-5, alpha 1e-6, 1000 epochs = 300k steps); paper: 0.99 bpd. `fashion-mnist` is our small
+CPU demo, far from FFJORD's numbers: multiscale, 5 blocks of 2 x 16-channel concat convs, T = 1 fixed, rtol = atol
+= 1e-3 (1e-4 in evaluation), Rademacher, --grad direct (1.6x faster than the adjoint on one core at this size),
+batch 32, 300 steps. Other data sets (cifar10, folder:) take the Config defaults (T learned, as FFJORD's scripts).
 
 Run:
     python ffjord.py --dataset 8gaussians               # 2D toy -> runs/ffjord/8gaussians (density_*.png, samples_*.png)
@@ -70,37 +64,22 @@ Run:
     python ffjord.py --eval --ckpt runs/ffjord/moons/ckpt.pt        # exact test NLL (nats), NFE
 
 Results (one CPU core, OMP_NUM_THREADS=1, on a 2-core machine shared with other jobs, so s/step is approximate):
-2D toys, 2000 steps of batch 256 (the toy preset otherwise; the step budget shared with realnvp.py), exact test NLL
-on common's 10000 toy test points, exact trace, rtol = atol = 1e-5; NFE = f evaluations per solve (one block):
-    python ffjord.py --dataset D --steps 2000 --batch-size 256
-      8gaussians    2.868 nats   0.43 s/step   NFE train fwd 62 / adjoint 33 (means; 69 / 37 at the end), eval 74
-      checkerboard  3.750 nats   0.24 s/step   NFE train fwd 38 / adjoint 29 (56 / 38 at the end), eval 56
-      moons         2.418 nats   0.26 s/step   NFE train fwd 46 / adjoint 37 (56 / 44 at the end), eval 56
-      circles       3.617 nats   0.14 s/step   NFE train fwd 44 / adjoint 32 at the end, eval 38
-      pinwheel      2.328 nats   0.18 s/step   NFE train fwd 58 / adjoint 35 at the end, eval 50
-      swissroll     2.731 nats   0.18 s/step   NFE train fwd 57 / adjoint 38 at the end, eval 56
-      2spirals      3.064 nats   0.09 s/step   NFE train fwd 87 / adjoint 66 at the end, eval 95
-      (s/step: the median of the logged it/s; the load from other jobs varied, so it does not track NFE.)
-  These were measured before the per-tensor error norm and --learn-T (issue 12): one RMS over the whole state, T
-  fixed, no weight decay (today's --no-learn-T --weight-decay 0). Re-checked on 8gaussians for 200 steps only
-  (--steps 200 --batch-size 256): with --no-learn-T --weight-decay 0 the losses are unchanged to 4 digits (test
-  3.3186 nats), the NFE per step at steps 150-200 is fwd 37 / adjoint 32 (was 38 / 26: the adjoint solve was looser
-  than asked), eval NFE 50 (was 38); with the preset's learned T (and weight decay), T = 0.624 at step 200, fwd 36 /
-  adjoint 42, test 3.339 nats. The 2000-step table awaits a re-run.
-  Sampling (z alone, no trace): 20000 points of the 200-step 8gaussians model in 0.95 s, NFE 32 (3.24 s with the
-  trace integrated too), min of 4 in one process.
-  (references: 8gaussians' own entropy is 2.84 nats, checkerboard's log 32 = 3.47; FFJORD trains 10000 steps.)
-  Heat maps and samples: runs/ffjord/D/density_2000.png, samples_2000.png.
-Fashion-MNIST, `python ffjord.py` (the preset above, measured before the per-tensor norm; 745 s in all): test
-  4.397 bits/dim (bound: dequantized, first 200 test images, Hutchinson trace, rtol = atol = 1e-4, eval NFE 112 per
-  batch over all 5 blocks); train bpd 4.38 at step 300, 2.4 s/step, NFE 70 at the start, 94 at most, 82 at the end
-  (direct gradients: no adjoint solve). Samples (runs/ffjord/fashion-mnist/samples_300.png) are bright blobs, not
-  garments yet.
-MNIST preset on CPU (one core; measured before the per-tensor norm and --learn-T), batch 200, at initialisation:
-  350 s and 335 s for steps 1 and 2 (NFE 200 forward + 200 adjoint over the 10 blocks, 1.2 GB), on synthetic
-  MNIST-format images (tests/conftest.py's write_mnist_like, 512 training images): `python ffjord.py --dataset
-  mnist --data-dir /tmp/fake_mnist --steps 2 --log-every 1 --eval-n 1` (stopped after step 2). NFE, hence time,
-  grows as training proceeds. Not run on a GPU.
+2D toys, `python ffjord.py --dataset D --steps 2000 --batch-size 256` (the toy preset otherwise: learned T, weight
+decay 1e-5; the step budget and batch shared with realnvp.py): exact test NLL on common's 10000 toy test points,
+exact trace, rtol = atol = 1e-5; NFE = f evaluations per solve (one block), train means (at the end):
+      8gaussians    2.838 nats   0.59 s/step   NFE fwd 64 / adjoint 55 (75 / 67), eval 80, T 0.50 -> 0.96
+  The other sets' figures (README, marked stale) were measured before the per-tensor error norm and --learn-T: one
+  RMS over the whole state, T fixed; 8gaussians then gave 2.868 nats, NFE fwd 62 / adjoint 33 (69 / 37), eval 74:
+  the adjoint solve was looser than asked. (8gaussians' own entropy is 2.84 nats; FFJORD trains 10000 steps.)
+  Sampling (z alone, no trace): 20000 points of a 200-step 8gaussians model in 0.95 s, NFE 32 (3.24 s with the
+  trace integrated too), min of 4 in one process. Heat maps and samples: runs/ffjord/D/density_*.png, samples_*.png.
+Fashion-MNIST, `python ffjord.py` (measured before the per-tensor norm, T fixed as the preset; 745 s): test 4.397
+  bits/dim (bound: dequantized, first 200 test images, Hutchinson, rtol 1e-4, eval NFE 112 over the 5 blocks); train
+  2.4 s/step, NFE 70 -> 82 (direct gradients: no adjoint solve). Samples are bright blobs, not garments yet.
+MNIST preset, one CPU core, before the per-tensor norm, at initialisation on synthetic MNIST-format images
+  (`python ffjord.py --dataset mnist --data-dir /tmp/fake_mnist --steps 2 --log-every 1 --eval-n 1`, the images of
+  tests/conftest.py's write_mnist_like): 350 s and 335 s for steps 1 and 2 of batch 200 (NFE 200 forward + 200
+  adjoint over the 10 blocks, 1.2 GB); NFE, hence time, grows as training proceeds. Not run on a GPU.
 """
 import math
 import time
