@@ -37,34 +37,29 @@ Run:
     python ddim.py --eval --ckpt runs/ddpm/fashion-mnist/ckpt.pt --eval-n 100           # FD, reconstruction error
     python ddim.py                                                # train with L_simple (ddpm.py's fashion preset)
 
-Results (2 CPU cores shared with other jobs, OMP_NUM_THREADS=1; no GPU run yet), all on ddpm.py's fashion-mnist
-preset checkpoint (3000 steps; its bound 3.769 bpd and 1000-step FD 401.8 are in ddpm.py):
+Results (2 CPU cores, OMP_NUM_THREADS=1, the other core busy; no GPU run yet), all on ddpm.py's fashion-mnist
+preset checkpoint (3000 steps, EMA with the decay warm-up; its bound 3.640 bpd and 1000-step FD 259.3 are in ddpm.py):
     FD (classifier features) of 64 samples vs 64 test images, the same x_T in every cell, tau uniform:
-      `python ddim.py --ckpt runs/ddpm/fashion-mnist/ckpt.pt --sample 64 --table` (EMA weights, the default; the
-      S = 1000 column ran as two processes with `--table-steps 1000 --table-etas 0,0.2` and `0.5,1`)
-        eta, S:   10      20      50      100     1000
-        0         650.1   707.1   734.1   741.2   747.4
-        0.2       643.0   694.2   713.4   717.5   712.4
-        0.5       554.6   573.6   579.4   572.4   554.7
-        1         211.3   209.8   209.8   206.3   226.2
-      the same with `--no-use-ema --table-steps 10,20,50,100` (the raw weights):
-        0         434.3   405.1   390.8   389.3
-        0.2       437.8   392.1   364.7   368.1
-        0.5       441.5   380.7   376.9   373.1
-        1         418.7   382.3   364.4   302.9
-    The slide's claim (eta = 0 at 10-50 steps far better than eta = 1) is NOT reproduced by this under-trained
-    network: with its EMA weights eta = 1 is best at every S. Measured cause: the deterministic path integrates
-    eps_theta over sqrt((1 - alpha_bar_t) / alpha_bar_t) from 157 (t = T) to 0, so eps errors at large t are
-    multiplied by up to 157; the test MSE of eps_theta at t = 901-991 is 0.0031 (EMA) / 0.0013 (raw), while the
-    exact E[eps|x_t] has MSE <= alpha_bar_t Var(x_0) <= 1.4e-4 there; eta = 0 samples come out as noise (x_t's std
-    grows from 1 to ~5 along the path); fresh noise (eta > 0) forgets those
-    errors. The raw weights (the EMA with decay 0.999 still holds ~5% of the initial weights after 3000 steps)
-    make eta = 0 competitive. With the exact eps of Gaussian data (tests) eta = 0 is the most accurate at few steps.
+      `python ddim.py --ckpt runs/ddpm/fashion-mnist/ckpt.pt --sample 64 --table --table-steps 10,20,50,100` (EMA
+      weights, the default; S = 1000: `--table-steps 1000 --table-etas 0,1`), and the same with `--no-use-ema`:
+        eta, S:   10      20      50      100     1000          raw:  10      20      50      100
+        0         235.1   195.2   193.7   195.7   196.5               443.5   414.6   400.2   398.3
+        0.2       230.0   215.2   196.8   185.4                       446.1   400.5   374.3   375.3
+        0.5       222.2   192.7   182.4   137.1                       449.0   390.8   385.5   379.8
+        1         151.2   138.2   118.0    98.7   106.6               427.1   388.5   373.0   308.7
+    Before the EMA decay warm-up the EMA weights were the worse ones (eta = 0: 650-747; eta = 1: 206-226): an EMA
+    of decay 0.999 still held ~5% of the initial weights after 3000 steps. The slide's claim (eta = 0 at 10-50
+    steps far better than eta = 1) is still NOT reproduced by this under-trained network: eta = 1 is best at every
+    S. The deterministic path integrates eps_theta over sqrt((1 - alpha_bar_t) / alpha_bar_t), from 157 (t = T) to
+    0, so eps errors at large t are multiplied by up to 157; the test MSE of eps_theta at t = 901, 911, ..., 991 is
+    0.00070 (EMA) / 0.00138 (raw) on 20 test images (before the warm-up 0.0031 / 0.0013), while the exact E[eps|x_t]
+    has MSE <= alpha_bar_t Var(x_0) <= 1.4e-4 there; fresh noise (eta > 0) forgets those errors. With the exact eps
+    of Gaussian data (tests) eta = 0 is the most accurate at few steps.
     `python ddim.py --eval --ckpt runs/ddpm/fashion-mnist/ckpt.pt` (S = 50, eta = 0, 20 test images, 16 samples):
-      test L_simple 0.0497; reconstruction MSE per dimension 0.00073 (the paper, CIFAR-10, S = 50: 0.0023);
-      FD 736.3 from 16 samples; 0.80 images/s at 50 network evaluations (`--no-use-ema`: 0.0476, 0.0013, 602.1).
-    Sampling speed, this CPU (the table runs, batch 64, varying with the load): 3.6-3.8 images/s at S = 10,
-    0.9-1.9 at S = 50, 0.54-0.61 at S = 100; ddpm.py's ancestral sampler: 0.33 images/s at 1000 steps (batch 16).
+      test L_simple 0.0466; reconstruction MSE per dimension 0.00124 (the paper, CIFAR-10, S = 50: 0.0023); FD
+      261.8; 3.4 images/s at 50 network evaluations (`--no-use-ema`: 0.0476, 0.00131, 631.1).
+    Sampling speed (the table runs, batch 64): 15.7-19.2 images/s at S = 10, 3.3-3.7 at S = 50, 1.7-1.8 at
+    S = 100; ddpm.py's ancestral sampler: 0.17 images/s at 1000 steps (batch 16).
 """
 import contextlib
 import math
