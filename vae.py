@@ -56,7 +56,8 @@ Result (`python vae.py`, the make demo run: fashion-mnist, 8000 steps of batch 1
     test NLL 3.487 bits/dim (importance-sampled estimate, k = 1000, first 1000 test images),
     -ELBO 3.544 bits/dim (bound), KL 33.1 nats, 15 of 32 latent units active. The same code and seed gave
     3.491 / 3.548 / 32.3 nats / 19 units on the machine of the earlier runs (49 it/s): floating-point
-    summation order differs between machines, so differences of a few thousandths of a bit need repeats.
+    summation order differs between machines, so differences of a few thousandths of a bit need repeats; with
+    OMP_NUM_THREADS=1 the same run gives 3.4824 / 3.5424 / 33.9 nats / 14 units.
 `python vae.py --dataset mnist --data-dir DIR --steps 50000 --log-every 5000 --eval-n 1000` (17 epochs, one core):
     93.94 nats (k = 5000), -ELBO 102.72, KL 23.5, 19 of 50 units active, I_q 6.99 (paper, 3280 epochs: 86.76).
 Posterior collapse, binarized Fashion-MNIST, `--binarize --decoder pixelcnn --ar-layers 5 --ar-channels 16
