@@ -45,8 +45,7 @@ Precision and host syncs: fp32 by default (--precision bf16|fp16 autocasts only 
 stay fp32: rtol 1e-5 is meaningless in bf16). The solver reads one number per attempted step (the error norm, to
 accept the step and size the next): an inherent host sync; nothing else syncs but the Logger's line.
 
-Deviations: --compile is refused (the trace needs double backward, which torch.compile lacks); no regularizers,
-spectral norm or batch norm (FFJORD's options, off by default in its scripts).
+Deviations: --compile refused (the trace needs double backward); no regularizers, spectral or batch norm (off in FFJORD's scripts).
 Presets: `toy` (every 2D set) is rtqichen/ffjord train_toy.py's defaults: f of 3 x 64 concatsquash layers, tanh,
 1 block, T = 0.5 learned (--train_T True), exact trace (its brute_force divergence), dopri5 at rtol = atol = 1e-5,
 batch 100, Adam lr 1e-3, weight decay 1e-5, 10000 steps. `mnist` is FFJORD's MNIST model (train_cnf.py with
@@ -63,26 +62,19 @@ Run:
     python ffjord.py --dataset mnist --data-dir DIR     # FFJORD's MNIST model, on a GPU
     python ffjord.py --eval --ckpt runs/ffjord/moons/ckpt.pt        # exact test NLL (nats), NFE
 
-Results (one CPU core, OMP_NUM_THREADS=1, on a 2-core machine shared with other jobs, so s/step is approximate):
-2D toys, `python ffjord.py --dataset D --steps 2000 --batch-size 256` (the toy preset otherwise: learned T, weight
-decay 1e-5; the step budget and batch shared with realnvp.py): exact test NLL on common's 10000 toy test points,
-exact trace, rtol = atol = 1e-5; NFE = f evaluations per solve (one block), train means (at the end):
+Results (one core each, OMP_NUM_THREADS=1, 2 jobs on 2 cores: s/step approximate). 2D toys, `python ffjord.py
+--dataset D --steps 2000 --batch-size 256` (the toy preset otherwise): exact test NLL on common's 10000 toy test
+points, exact trace, rtol = atol = 1e-5; NFE = f evaluations per solve, train means (at the end):
       8gaussians    2.838 nats   0.59 s/step   NFE fwd 64 / adjoint 55 (75 / 67), eval 80, T 0.50 -> 0.96
       checkerboard  3.734 nats   0.37 s/step   NFE fwd 46 / adjoint 52 (72 / 75), eval 68, T 0.50 -> 1.00
       moons         2.417 nats   0.56 s/step   NFE fwd 58 / adjoint 73 (74 / 97), eval 74, T 0.50 -> 1.23
-  The other sets' figures (README, marked stale) were measured before the per-tensor error norm and --learn-T: one
-  RMS over the whole state, T fixed; 8gaussians then gave 2.868 nats, NFE fwd 62 / adjoint 33 (69 / 37), eval 74,
-  checkerboard 3.750, 38 / 29 (56 / 38), moons 2.418, 46 / 37 (56 / 44): the adjoint solve was looser than
-  asked. (8gaussians' own entropy is 2.84 nats; FFJORD trains 10000 steps.)
-  Sampling (z alone, no trace): 20000 points of a 200-step 8gaussians model in 0.95 s, NFE 32 (3.24 s with the
-  trace integrated too), min of 4 in one process. Heat maps and samples: runs/ffjord/D/density_*.png, samples_*.png.
-Fashion-MNIST, `python ffjord.py` (measured before the per-tensor norm, T fixed as the preset; 745 s): test 4.397
-  bits/dim (bound: dequantized, first 200 test images, Hutchinson, rtol 1e-4, eval NFE 112 over the 5 blocks); train
-  2.4 s/step, NFE 70 -> 82 (direct gradients: no adjoint solve). Samples are bright blobs, not garments yet.
-MNIST preset, one CPU core, before the per-tensor norm, at initialisation on synthetic MNIST-format images
-  (`python ffjord.py --dataset mnist --data-dir /tmp/fake_mnist --steps 2 --log-every 1 --eval-n 1`, the images of
-  tests/conftest.py's write_mnist_like): 350 s and 335 s for steps 1 and 2 of batch 200 (NFE 200 forward + 200
-  adjoint over the 10 blocks, 1.2 GB); NFE, hence time, grows as training proceeds. Not run on a GPU.
+  Before the per-tensor norm and --learn-T (one RMS over the whole state, T fixed): 8gaussians 2.868 nats, NFE 62 / 33
+  (69 / 37); checkerboard 3.750, 38 / 29 (56 / 38); moons 2.418, 46 / 37 (56 / 44): a looser adjoint solve than
+  asked; the other toys: README (stale). Sampling z alone: 20000 points in 0.95 s, NFE 32 (3.24 s with the trace).
+Fashion-MNIST, `python ffjord.py`, before the per-tensor norm (745 s): 4.397 bits/dim (dequantized bound, 200 test
+  images, rtol 1e-4, eval NFE 112), 2.4 s/step, NFE 70 -> 82 (direct gradients); samples are blobs, not garments.
+MNIST preset, before the per-tensor norm, one core, synthetic images (`--dataset mnist --data-dir /tmp/fake_mnist
+  --steps 2`): 350 s and 335 s for steps 1, 2 of batch 200 (NFE 200 + 200 adjoint, 1.2 GB). Not run on a GPU.
 """
 import math
 import time
