@@ -1,7 +1,7 @@
 """Infrastructure shared by every method file - how to run, never what a method is: config and CLI,
 data, device / precision / DDP, logging, checkpoints, EMA, a guarded optimizer update, grids, bits/dim."""
 import argparse, atexit, copy, dataclasses, gzip, inspect, json, math, os, pickle, random, re, shutil, signal, struct, sys, time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,6 @@ def writing(path):  # a failed write (a file where a folder should be, no permis
         yield
     except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
         fail(f"could not write {path}: {e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[-1].strip()}")
-
 
 # ----------------------------------------------------------------------------- config / CLI
 def choice(*options):  # a str field restricted to `options`; the first is the default
@@ -65,10 +64,8 @@ def _field_help(cls):
     """The trailing `# comment` of every dataclass field, read from the source of cls and its bases."""
     helps = {}
     for c in reversed(cls.__mro__[:-1]):
-        try:
+        with suppress(OSError, TypeError):  # no source: a built-in class or one made by exec
             helps.update(re.findall(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+)$", inspect.getsource(c), re.M))
-        except (OSError, TypeError):
-            pass
     return helps
 
 def _apply(cfg, values, origin):
@@ -109,8 +106,7 @@ def parse_config(cls, presets, method, argv=None, accept=(), own_sets=()):
     _check(cfg)
     if cfg.eval or cfg.sample:  # rebuild the trained run's config from its checkpoint
         saved = load_checkpoint(cfg.ckpt, (method,) + tuple(accept))["config"]
-        cfg = cls()
-        _apply(cfg, {k: v for k, v in saved.items() if hasattr(cfg, k)}, "checkpoint")
+        cfg = cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
         _apply(cfg, given, "flags")
         _check(cfg)
     return cfg
@@ -133,7 +129,6 @@ def _check(cfg):  # one line for the first value out of range
     if cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.dataset[7:]):
         fail(f"--dataset {cfg.dataset}: no such folder")
 
-
 # ----------------------------------------------------------------------------- data
 @dataclass
 class Data:
@@ -147,8 +142,7 @@ class Data:
 
 def _read_idx(path):
     """An idx file (MNIST format): 0, 0, type 8 (uint8), ndim, big-endian sizes, then the data."""
-    buf = Path(path).read_bytes()
-    buf = gzip.decompress(buf) if str(path).endswith(".gz") else buf
+    buf = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
     if buf[:3] != b"\0\0\x08":
         fail(f"{path}: not a uint8 idx file")
     n = buf[3]
@@ -215,8 +209,7 @@ def _cifar10(data_dir):
     return torch.cat(x[:5]), torch.cat(y[:5]), x[5], y[5]
 
 def _folder(path, size):
-    """Every image under path, resized (shorter side) and center-cropped to size; every 20th is test; unreadable
-    files are skipped and counted."""
+    """Every image under path, resized (shorter side) and center-cropped to size; every 20th is test; unreadable ones are skipped and counted."""
     import torchvision.transforms.functional as TF
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"))
     load, x, bad = torchvision.datasets.folder.pil_loader, [], []  # PIL (a torchvision dependency), converted to RGB
@@ -229,8 +222,7 @@ def _folder(path, size):
         print(f"folder:{path}: skipped {len(bad)} unreadable file(s) of {len(files)}, e.g. {bad[0]}", flush=True)
     if len(x) < 2:
         fail(f"folder:{path}: found {len(x)} readable images (png, jpg, bmp, gif, webp); needs at least 2")
-    x = torch.stack(x)
-    test = torch.arange(len(x)) % 20 == 0
+    x, test = torch.stack(x), torch.arange(len(x)) % 20 == 0
     return x[~test], None, x[test], None
 
 def toy_sample(name, n, generator):
@@ -267,8 +259,7 @@ def toy_sample(name, n, generator):
 def moving_digits(digits, n, frames, size, generator):
     """Moving MNIST (Srivastava et al. 2015): 2 digits bounce in a size^2 frame, speed 0.1 of the free range per
     frame, overlaps keep the brighter pixel. digits uint8 (N, 1, d, d) -> uint8 (n, frames, 1, size, size)."""
-    d = digits.shape[-1]
-    lim = size - d
+    d, lim = digits.shape[-1], size - digits.shape[-1]
     if lim < 0:
         fail(f"--frame-size {size} is smaller than a digit ({d})")
     src = digits[torch.randint(len(digits), (n, 2), generator=generator)].reshape(n, 1, 2 * d * d)
@@ -312,9 +303,9 @@ class Batches:
         if data.kind == "image":
             if len(data.train) // run.world < self.b:
                 fail(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training images")
-            self.x, self.y = data.train.to(run.device), data.train_labels
-            self.y = self.y.to(run.device) if self.y is not None else None
+            self.x, self.y = data.train.to(run.device), None if data.train_labels is None else data.train_labels.to(run.device)
             self.sampler = torch.utils.data.DistributedSampler(range(len(data.train)), run.world, run.rank, seed=cfg.seed, drop_last=True)
+            self._epoch()
     def _epoch(self):
         self.sampler.set_epoch(self.epoch)
         self.idx = torch.tensor(list(self.sampler), device=self.run.device)
@@ -325,8 +316,6 @@ class Batches:
         if kind == "video":
             x = moving_digits(self.data.train, self.b, self.cfg.frames, self.cfg.frame_size, self.gen).to(self.run.device)
         else:
-            if self.idx is None:
-                self._epoch()
             if self.pos + self.b > len(self.idx):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._epoch()
@@ -359,15 +348,13 @@ def progress(items, label, every=10.0):
             print(f"{label}: {i}/{len(items)} batches, {now - t0:.0f}s, about {(now - t0) * (len(items) - i) / i:.0f}s left", flush=True)
 
 def test_batches(data, cfg, device, batch_size, label=None):
-    """The first cfg.eval_n test examples (all if 0) as floats on device, binarized with a fixed seed. With a label
-    (what is evaluated): printed with the number of examples, then the progress every 10 s."""
+    """The first cfg.eval_n test examples (all if 0) as floats on device, binarized with a fixed seed; a label prints their count and progress."""
     x, gen = data.test[:cfg.eval_n or None], torch.Generator().manual_seed(1234)
     starts = range(0, len(x), batch_size)
     for i in progress(starts, f"evaluate: {label}: {len(x)} test examples") if label else starts:
         xb = x[i:i + batch_size]
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         yield (torch.bernoulli(xb, generator=gen) if cfg.binarize else xb).to(device)
-
 
 # ----------------------------------------------------------------------------- run setup
 @dataclass
@@ -392,9 +379,10 @@ def setup(cfg, method, train=True):
     if kind == "cuda" and not cuda or kind == "mps" and not mps:
         fail(f"--device {kind} is not available here; accepted: auto, cpu" + (", cuda" if cuda else "") + (", mps" if mps else ""))
     device = torch.device("cuda", local) if kind == "cuda" else torch.device(kind)
+    if kind == "cuda":  # this process's GPU; TF32 matmuls and convolutions
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        if kind == "cuda":
-            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if kind == "cuda" else "gloo")
             atexit.register(dist.destroy_process_group)  # a clean exit: Gloo aborts if torn down at interpreter exit
@@ -405,8 +393,6 @@ def setup(cfg, method, train=True):
     prec = cfg.precision if cfg.precision != "auto" else "bf16" if kind == "cuda" else "fp32"
     if prec == "fp16" and kind == "cpu":
         fail("--precision fp16 needs a GPU; accepted on cpu: auto, fp32, bf16")
-    if kind == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     run = Run(device, dtype, rank, world, Path(cfg.out), rank == 0, kind in ("cuda", "cpu"))
     if train and run.main:
@@ -418,9 +404,8 @@ def setup(cfg, method, train=True):
 
 def wrap(model, run, cfg):
     """What the training loop calls: DDP across ranks, then torch.compile if asked (save/evaluate `model`)."""
-    net = model
-    if run.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if (device := run.device).type == "cuda" else None)
+    ids = [run.device.index] if run.device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=ids) if run.world > 1 else model
     return torch.compile(net) if cfg.compile else net
 
 def every(step, n):
@@ -455,12 +440,11 @@ class Stop:
         for s, h in self.old.items() if not self.signum else ():  # stopping: a 2nd signal while saving still exits cleanly
             signal.signal(s, h)
     def __call__(self, step):
-        if self.run.world == 1 or not every(step, self.cfg.log_every):
-            self.stopped = self.stopped or bool(self.signum) and self.run.world == 1
-            return self.stopped
-        f = torch.tensor(float(self.signum), device=self.run.device)
-        dist.all_reduce(f, op=dist.ReduceOp.MAX)
-        self.signum, self.stopped = int(f.item()), bool(f.item())
+        if self.run.world == 1:
+            self.stopped = bool(self.signum)
+        elif every(step, self.cfg.log_every):
+            dist.all_reduce(f := torch.tensor(float(self.signum), device=self.run.device), op=dist.ReduceOp.MAX)
+            self.signum, self.stopped = int(f.item()), bool(f.item())
         return self.stopped
     def exit_if_stopped(self, step):
         if self.stopped:
@@ -468,12 +452,10 @@ class Stop:
             self.run.print(f"stopped at step {step}: checkpoint {self.cfg.ckpt}; continue with --resume")
             raise SystemExit(128 + self.signum)
 
-
 # ----------------------------------------------------------------------------- optimisation
 class Update:
-    """loss.backward(), gradient clipping, optimizer.step(). A step whose loss, gradient norm or buffers (batch-norm
-    statistics) are not finite is skipped, counted (VD-VAE style) and leaves the buffers as they were: on the device for
-    fused optimizers (no host sync), else after a host check. Steps in a row above bound() count as a finite divergence."""
+    """loss.backward(), clipping, optimizer.step(). A step with a non-finite loss, gradient norm or buffer (batch-norm statistics) is
+    skipped, counted (VD-VAE style), its buffers kept: on the device (no host sync) for fused optimizers, else after a host check."""
     def __init__(self, optimizer, model, run, clip=0.0, patience=20, diverge=10.0, diverge_steps=100):
         params, bufs = (model.parameters(), list(model.buffers())) if isinstance(model, nn.Module) else (model, [])
         self.opt, self.params, self.clip, self.patience = optimizer, [p for p in params if p.requires_grad], clip, patience
@@ -491,10 +473,8 @@ class Update:
             self.scaler.unscale_(self.opt)
         norm = nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
         l = loss.detach().float()
-        bad = ~torch.isfinite(l) | ~torch.isfinite(norm)
-        if self.finite:
-            bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(self.finite))).all()
-        bad = bad.float()
+        buf_norms = torch.stack(torch._foreach_norm(self.finite)) if self.finite else norm
+        bad = (~torch.isfinite(l) | ~torch.isfinite(norm) | ~torch.isfinite(buf_norms).all()).float()
         if self.scaler:  # skips non-finite steps itself
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -505,8 +485,7 @@ class Update:
         elif not bad.item():
             self.opt.step()
         if self.bufs:  # a skipped step leaves every buffer as it was
-            for b, old in zip(self.bufs, self.saved):
-                b.copy_(torch.where(bad.bool(), old, b))
+            torch._foreach_copy_(self.bufs, [torch.where(bad.bool(), old, b) for b, old in zip(self.bufs, self.saved)])
             torch._foreach_copy_(self.saved, self.bufs)
         self.skipped += bad
         self.streak = (self.streak + 1) * bad
@@ -530,9 +509,8 @@ class Update:
             self.scaler.load_state_dict(s["scaler"])
 
 class EMA:
-    """theta_ema <- d theta_ema + (1 - d) theta after update t = 1, 2, ..., d = min(decay, (1 + t) / (10 + t)) (the
-    warm-up of TF's ExponentialMovingAverage, as score_sde's ema.py: the initial weights fade within a few hundred
-    steps instead of ~5 / (1 - decay)), or d = decay throughout with warmup=False; buffers are copied."""
+    """theta_ema <- d theta_ema + (1 - d) theta after update t = 1, 2, ..., d = min(decay, (1 + t) / (10 + t)) (TF's warm-up, as in
+    score_sde: the initial weights fade within a few hundred steps, not ~5 / (1 - decay)), or d = decay with warmup=False; buffers copied."""
     def __init__(self, model, decay, warmup=True):
         self.decay, self.warmup, self.model = decay, warmup, copy.deepcopy(model).eval().requires_grad_(False)
     @torch.no_grad()
@@ -546,14 +524,12 @@ class EMA:
     def load_state_dict(self, s):
         self.model.load_state_dict(s)
 
-
 # ----------------------------------------------------------------------------- logging, metrics, images
 class Logger:
     """`step 1200/50000 | loss 1.234 | bpd 3.45 | 14.2 it/s | eta 58m` every cfg.log_every steps, and metrics.jsonl.
     Terms are summed on the device and read once per line: no per-step host-device synchronisation."""
     def __init__(self, cfg, run, step, update=None):
-        self.cfg, self.run, self.update, self.keys = cfg, run, update, None
-        self.t, self.last = time.time(), step
+        self.cfg, self.run, self.update, self.keys, self.t, self.last = cfg, run, update, None, time.time(), step
     def __call__(self, step, terms):
         v = torch.stack([torch.as_tensor(t, device=self.run.device).detach().float().reshape(()) for t in terms.values()])
         if tuple(terms) != self.keys:
@@ -589,11 +565,10 @@ class Logger:
         if self.run.main:
             if echo:
                 print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
-            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with writing(self.run.out / "metrics.jsonl"):
                 self.run.out.mkdir(parents=True, exist_ok=True)
                 with open(self.run.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(clean) + "\n")
+                    f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n")
 
 def eval_record(step, test_nll, unit, kind, n_test, **extras):
     """What every evaluate() returns: the same keys in every file (DESIGN.md, Metrics); test_nll, kind None: no likelihood."""
@@ -613,7 +588,6 @@ def save_grid(x, path, nrow=None):
     with writing(path):
         torchvision.utils.save_image(x.detach().float().clamp(0, 1).cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=1)
 
-
 # ----------------------------------------------------------------------------- sample quality: Frechet distance
 def fd_label(cfg):  # the name frechet_distance's number must be reported under: never "FID"
     return "FD (torchvision Inception-v3; not the TF-Inception FID of papers)" if cfg.fid_inception else "FD (classifier features)"
@@ -629,9 +603,8 @@ def frechet_from_features(f1, f2):
     return ((f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * tr).item()
 
 def _fd_classifier(data, cfg, run, epochs=2):
-    """Penultimate-layer features (128-d) of a small conv net trained, seeded, on the training labels (unlabelled data:
-    on 4 rotations, Gidaris et al. 2018), cached in cfg.cache_dir, keyed by recipe version (v1), data set, shape and
-    training-set size; absent or unreadable: (re)trained, with progress lines."""
+    """Penultimate-layer features (128-d) of a small conv net trained, seeded, on the training labels (unlabelled data: on 4
+    rotations, Gidaris et al. 2018), cached in cfg.cache_dir (key: below); absent or unreadable: (re)trained, with progress lines."""
     path = Path(cfg.cache_dir, "fd-v1-" + re.sub(r"[^\w.-]+", "_", f"{data.name}-{'x'.join(map(str, data.shape))}-{len(data.train)}.pt"))
     rot = lambda x, y: (x, y) if y is not None else (torch.cat([x.rot90(k, (2, 3)) for k in range(4)]), torch.arange(4).repeat_interleave(len(x)))
     with torch.random.fork_rng(devices=[]), torch.enable_grad():  # seeded; the caller's random streams stay untouched
@@ -677,9 +650,8 @@ _FD_NETS = {}  # feature extractors loaded in this process
 
 @torch.no_grad()
 def frechet_distance(samples, data, cfg, run, n=None):
-    """FD (a float; report it under fd_label(cfg)) between the first n samples (images in [0, 1] of data.shape) and the
-    first n test images (binarized, seeded, if cfg.binarize), n = min(n or len(samples), len(samples), len(data.test)),
-    in _fd_classifier's features, or Inception-v3's with cfg.fid_inception. FD is biased up at small n: compare at equal n."""
+    """FD (report it as fd_label(cfg)) of the first n samples (images in [0, 1] of data.shape) and test images (binarized, seeded, if cfg.binarize;
+    n <= both counts, default all) in _fd_classifier's or (cfg.fid_inception) Inception-v3's features; biased up at small n: compare at equal n."""
     if data.kind != "image" or tuple(samples.shape[1:]) != tuple(data.shape):
         fail(f"FD needs images of shape {data.shape} of an image data set; got {tuple(samples.shape[1:])} of {data.kind}")
     n, key = min(n or len(samples), len(samples), len(data.test)), "inception" if cfg.fid_inception else (data.name, data.shape, len(data.train))
@@ -688,7 +660,6 @@ def frechet_distance(samples, data, cfg, run, n=None):
     real = torch.bernoulli(real, generator=torch.Generator().manual_seed(1234)) if cfg.binarize else real
     feats = lambda x: torch.cat([net(xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
     return frechet_from_features(feats(samples[:n]), feats(real))
-
 
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path):
