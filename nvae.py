@@ -19,12 +19,13 @@ value of conv layer k (its weight reshaped to C_out x C_in k k), estimated by po
 the official code adds lambda sum_k max |gamma_k| of the batch-norm scales, and so does this file.
 Loss = mean_x[-log p(x|z) + beta_t sum_l c_l KL_l] + lambda (L_SR + L_BN), beta_t the KL warm-up (0.0001 -> 1 over
 the first 30% of steps) and c_l the KL balancing coefficients (only during warm-up; NVAE's utils.kl_balancer:
-c_l proportional to mean_x KL_l / alpha_l, alpha_l the group's share of latent variables, normalised to mean 1).
+c_l proportional to (mean_x KL_l + 0.01) / alpha_l, alpha_l = 4^s / (groups at scale s), s = 0 at the top, the
+code's "square" coefficients; normalised to mean 1, no gradient).
 
 Cells as the paper's figure 3 (and the official res_mbconv arch): encoder residual cell BN-Swish-conv3x3-BN-Swish-
 conv3x3-SE; generative cell BN-conv1x1 (x6)-BN-Swish-depthwise conv5x5-BN-Swish-conv1x1-BN-SE (x3 in the pre- and
-post-processing cells); residual branches scaled by 0.1 (the code); BN momentum 0.05; weight normalisation on the
-convolutions that have no BN after them; squeeze-and-excitation max(C/16, 4) hidden units. Output: a mixture of
+post-processing cells); residual branches scaled by 0.1 (the code); BN momentum 0.05; weight normalisation on every
+convolution but the three of the generative cell (as the code); squeeze-and-excitation max(C/16, 4) hidden units. Output: a mixture of
 discretized logistics (PixelCNN++; RGB coupled by the linear coefficients, one channel without) over 8-bit pixels;
 --binarize: a Bernoulli. Sampling with temperature t: every prior's std (p(z_1) included) times t; before sampling
 the batch-norm statistics are readjusted by --readjust-bn forward passes of the generative model in train mode on
