@@ -18,7 +18,7 @@ Every block is a bottleneck residual block GELU-conv1x1-GELU-conv3x3-GELU-conv3x
 resolutions; the decoder upsamples by nearest-neighbour interpolation between resolutions (no transposed
 convolutions). Stability: the last convolution of every residual block and the z projection are scaled by
 sqrt(1 / N) at initialisation (N = the number of blocks of that tower), the prior's last convolution starts at 0,
-gradients are clipped at --grad-clip and an update whose gradient norm is above --skip-threshold (or not finite) is
+gradients are clipped at --grad-clip and an update whose gradient norm is at or above --skip-threshold (or not finite) is
 skipped and counted (gradient skipping); evaluation uses an EMA of the weights.
 
 Block strings, as the paper's configurations: "32x11" = 11 blocks at 32x32, "32d2" = a block that then average-pools
@@ -26,15 +26,17 @@ by 2, "8m4" = a decoder block at 8x8 that first adds the upsampled 4x4 state (th
 mixture of discretized logistics (PixelCNN++) over 8-bit pixels, a Bernoulli with --binarize. Test NLL: the
 negative ELBO in bits/dim (bound; nats for binarized data), with the KL per resolution.
 
-Differences from openai/vdvae: inputs 2x - 1 (the code standardises with the data set's mean and std); the first
-resolution change of the fashion preset (7 -> 14 -> 28) is by 2, as the block strings allow any integer factor;
-the KLs are summed in fp32. Otherwise as hps.py and train.py: AdamW (beta2 0.9, weight decay 0.01), linear lr
+Differences from openai/vdvae: inputs 2x - 1 (the code standardises with the data set's mean and std); the
+fashion preset's resolutions 1, 7, 14, 28 (the paper's are powers of 2; "7m1" upsamples by 7); bf16 autocast on
+CUDA with the KLs and likelihood in fp32 (the code uses fp16 with its own loss scaling). Otherwise as hps.py and train.py: AdamW (beta2 0.9, weight decay 0.01), linear lr
 warm-up, EMA 0.9999 (cifar10), clip 200, skip threshold 400, loss = the -ELBO per dimension.
 
 Presets. `fashion-mnist`: a CPU demo, width 32, zdim 8, 27 stochastic layers, 25 of them at 7x7 and 14x14 (decoder
-"1x1,7m1,7x9,14m7,14x14,28m14", encoder "28x2,28d2,14x3,14d2,7x3,7d7,1x2"), lr 1e-3, EMA 0.999, 2500 steps of 32. `cifar10`: hps.py's cifar10
-(width 384, zdim 16, the block strings below, lr 2e-4, n_batch 16 per GPU, EMA 0.9999, warm-up 100 steps);
-the preset's global batch 32 is not confirmed from the paper here.
+"1x1,7m1,7x9,14m7,14x14,28m14", encoder "28x2,28d2,14x3,14d2,7x3,7d7,1x2"), lr 1e-3, 2500 steps of 32, EMA 0.99
+(with 0.999 the EMA still holds 0.999^2500 = 8% of the initial weights at the end: see the result below). `cifar10`: hps.py's cifar10
+(width 384, zdim 16, the block strings in Config, lr 2e-4, weight decay 0.01, n_batch 16 per GPU, EMA 0.9999,
+warm-up 100 steps, clip 200, skip threshold 400); the preset's global batch 32 and its 1M steps are not from the
+paper or the code.
 
 Run:
     python vdvae.py                                     # fashion-mnist demo
@@ -42,7 +44,13 @@ Run:
     python vdvae.py --eval --ckpt runs/vdvae/fashion-mnist/ckpt.pt
     python vdvae.py --sample 64 --temperature 0.8 --ckpt runs/vdvae/fashion-mnist/ckpt.pt
 
-Result: not yet measured.
+Result (`python vdvae.py`: fashion-mnist preset, 0.21M parameters, 27 stochastic layers, 2500 steps of batch 32,
+2 CPU cores, 3.2 it/s, 13 min 5 s wall with the evaluation; first 1000 test images, one seed):
+    test -ELBO 3.428 bpd (bound; EMA 0.99 weights; the raw weights 3.455), 0 skipped updates;
+    KL per resolution 1x1: 3.6, 7x7: 15.9, 14x14: 91.1, 28x28: 0.003 nats (the one 28x28 layer is unused).
+    With EMA 0.999 the same run gave 3.928 (the EMA lags; training batches' -ELBO was 3.46 at the end).
+    Samples (t = 1, 0.8) are blurry blobs at this size; --sample 64: 343.5 images/s (one top-down pass each).
+    The cifar10 preset builds 39.1M parameters (paper: 39M), 43 stochastic layers; not trained here (a GPU).
 """
 import math
 import re
@@ -79,7 +87,7 @@ class Config(common.TrainConfig):
 PRESETS = {
     "fashion-mnist": dict(width=32, zdim=8, enc_blocks="28x2,28d2,14x3,14d2,7x3,7d7,1x2",
                           dec_blocks="1x1,7m1,7x9,14m7,14x14,28m14", mixtures=5, steps=2500, batch_size=32, lr=1e-3,
-                          ema=0.999, warmup=100, log_every=100, ckpt_every=500, eval_n=1000),
+                          ema=0.99, warmup=100, log_every=100, ckpt_every=500, eval_n=1000),
     "cifar10": dict(width=384, zdim=16, enc_blocks="32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
                     dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", lr=2e-4, weight_decay=0.01, batch_size=32,
                     ema=0.9999, warmup=100, steps=1_000_000, log_every=1000, ckpt_every=10000, eval_every=50000, eval_n=2000),
@@ -287,7 +295,7 @@ class SkipUpdate:
         norm = nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
         skip = ~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)
         if self.threshold > 0:
-            skip = skip | (norm > self.threshold)
+            skip = skip | (norm >= self.threshold)  # (the code steps only when norm < threshold)
         skip = skip.float()
         if getattr(self.opt, "_step_supports_amp_scaling", False):
             self.opt.found_inf, self.opt.grad_scale = skip, None
@@ -406,7 +414,9 @@ def train(cfg):
     stop.exit_if_stopped(step)
     if run.main and step >= cfg.steps:
         save_images(ema.model, fixed, cfg, run.out, step)
-        log.write(evaluate(ema.model, data, cfg, run, step, int(update.skipped.item())))
+        rec = evaluate(ema.model, data, cfg, run, step, int(update.skipped.item()))
+        rec["test_nll_raw_weights"] = evaluate(model, data, cfg, run, step)["test_nll"]  # how far the EMA lags, if it does
+        log.write(rec)
     return model, ema
 
 
