@@ -31,6 +31,16 @@ def synthetic_images(n, seed, size=28):
     return x
 
 
+def rectangles(n, seed, size=8):
+    """uint8 (n, 1, size, size) torch images: a bright rectangle (sides 2-5, grey level 120-255) on black."""
+    g, x = torch.Generator().manual_seed(seed), torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    for i in range(n):
+        h, w = torch.randint(2, 6, (2,), generator=g).tolist()
+        r, c = torch.randint(0, size - h + 1, (1,), generator=g).item(), torch.randint(0, size - w + 1, (1,), generator=g).item()
+        x[i, 0, r:r + h, c:c + w] = torch.randint(120, 256, (1,), generator=g).item()
+    return x
+
+
 def write_mnist_like(folder, n_train=512, n_test=128, gz=True):
     os.makedirs(folder, exist_ok=True)
     ext = ".gz" if gz else ""

@@ -10,22 +10,13 @@ import torch
 
 import common
 import nvae
-from conftest import PYTHON, run_script
+from conftest import PYTHON, rectangles, run_script
 
 
 def small_cfg(**kw):
     base = dict(channels=4, latent_scales=2, groups_per_scale=2, latent_per_group=3, pre_blocks=1, pre_cells=1, post_blocks=1,
                 post_cells=1, cells_enc=1, cells_dec=1, mixtures=2, steps=100, batch_size=16, warmup=10, eval_n=0, eval_k=4)
     return nvae.Config(**{**base, **kw})
-
-
-def rectangles(n, seed, size=8):
-    g, x = torch.Generator().manual_seed(seed), torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    for i in range(n):
-        h, w = torch.randint(2, 6, (2,), generator=g).tolist()
-        r, c = torch.randint(0, size - h + 1, (1,), generator=g).item(), torch.randint(0, size - w + 1, (1,), generator=g).item()
-        x[i, 0, r:r + h, c:c + w] = torch.randint(120, 256, (1,), generator=g).item()
-    return x
 
 
 def test_residual_normal_kl_equals_the_gaussian_kl_and_monte_carlo():

@@ -11,19 +11,10 @@ import torch.nn as nn
 
 import common
 import vdvae
-from conftest import PYTHON, run_script
+from conftest import PYTHON, rectangles, run_script
 
 SMALL = dict(width=8, zdim=2, enc_blocks="8x1,8d2,4x1,4d4,1x1", dec_blocks="1x1,4m1,4x2,8m4,8x1", mixtures=2, batch_size=16,
              ema=0.9, warmup=5, eval_n=0)
-
-
-def rectangles(n, seed, size=8):
-    g, x = torch.Generator().manual_seed(seed), torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    for i in range(n):
-        h, w = torch.randint(2, 6, (2,), generator=g).tolist()
-        r, c = torch.randint(0, size - h + 1, (1,), generator=g).item(), torch.randint(0, size - w + 1, (1,), generator=g).item()
-        x[i, 0, r:r + h, c:c + w] = torch.randint(120, 256, (1,), generator=g).item()
-    return x
 
 
 @pytest.mark.parametrize("fused", (False, True))

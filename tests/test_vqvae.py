@@ -10,23 +10,13 @@ import torch
 
 import common
 import vqvae
-from conftest import PYTHON, run_script
+from conftest import PYTHON, rectangles, run_script
 
 
 def small_cfg(**kw):
     base = dict(hidden=16, res_hidden=8, n_res=1, codes=16, code_dim=4, prior_channels=8, prior_layers=4, prior_cond_layers=5,
                 steps=10, prior_steps=10, batch_size=16, lr=2e-3, prior_lr=2e-3, eval_n=0)
     return vqvae.Config(**{**base, **kw})
-
-
-def rectangles(n, seed, size=8):
-    """uint8 (n, 1, size, size): a bright rectangle (sides 2-5, grey level 120-255) on black."""
-    g, x = torch.Generator().manual_seed(seed), torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    for i in range(n):
-        h, w = torch.randint(2, 6, (2,), generator=g).tolist()
-        r, c = torch.randint(0, size - h + 1, (1,), generator=g).item(), torch.randint(0, size - w + 1, (1,), generator=g).item()
-        x[i, 0, r:r + h, c:c + w] = torch.randint(120, 256, (1,), generator=g).item()
-    return x
 
 
 def run_cpu():
