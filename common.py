@@ -616,7 +616,7 @@ def _fd_classifier(data, cfg, run, epochs=2):
             try:
                 net.load_state_dict((saved := torch.load(path, map_location=run.device, weights_only=True))["net"])
                 run.print(f"FD: classifier {path}, test accuracy {saved['accuracy']:.4f}")
-                return net[:-1].eval()
+                return net.eval()
             except Exception as e:  # corrupt or another net's: retrained
                 run.print(f"FD: the cached classifier {path} is unreadable ({type(e).__name__}); retraining it")
         opt, t0, g = torch.optim.Adam(net.parameters(), 2e-3), time.time(), torch.Generator().manual_seed(0)
@@ -634,7 +634,7 @@ def _fd_classifier(data, cfg, run, epochs=2):
         atomic_save({"net": net.state_dict(), "accuracy": acc}, path) if run.main else None
     except SystemExit as e:  # an unwritable cache folder: retrained next time
         run.print(f"FD: classifier not cached ({e})")
-    return net[:-1].eval()
+    return net.eval()
 
 def _fd_inception(run):  # torchvision's Inception-v3 pool features (2048-d) of images resized to 299 x 299
     try:
@@ -648,14 +648,31 @@ def _fd_inception(run):  # torchvision's Inception-v3 pool features (2048-d) of 
 
 _FD_NETS = {}  # feature extractors loaded in this process
 
+def _net(key, make):  # a feature net, made (trained or loaded) once per process
+    return _FD_NETS.get(key) or _FD_NETS.setdefault(key, make())
+
+@torch.no_grad()
+def classify(x, data, cfg, run):
+    """Features (N, 128) and logits (N, K), float64 on the CPU, of images x in [0, 1] by FD's classifier (an independent net trained
+    on data's labels; on 4 rotations if unlabelled): what fidelity and diversity numbers of samples are computed from."""
+    net = _net((data.name, data.shape, len(data.train)), lambda: _fd_classifier(data, cfg, run))
+    f = torch.cat([net[:-1](xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
+    return f, f @ net[-1].weight.double().cpu().T + net[-1].bias.double().cpu()
+
+def inception_like_score(logits):
+    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean p(y|x) of the samples (Salimans et al. 2016, one split) in classify's classes, not Inception-v3's."""
+    log_p = logits.double().log_softmax(1)
+    return math.exp((log_p.exp() * (log_p - log_p.exp().mean(0).log())).sum(1).mean().item())
+
 @torch.no_grad()
 def frechet_distance(samples, data, cfg, run, n=None):
     """FD (report it as fd_label(cfg)) of the first n samples (images in [0, 1] of data.shape) and test images (binarized, seeded, if cfg.binarize;
     n <= both counts, default all) in _fd_classifier's or (cfg.fid_inception) Inception-v3's features; biased up at small n: compare at equal n."""
     if data.kind != "image" or tuple(samples.shape[1:]) != tuple(data.shape):
         fail(f"FD needs images of shape {data.shape} of an image data set; got {tuple(samples.shape[1:])} of {data.kind}")
-    n, key = min(n or len(samples), len(samples), len(data.test)), "inception" if cfg.fid_inception else (data.name, data.shape, len(data.train))
-    net = _FD_NETS[key] = _FD_NETS.get(key) or (_fd_inception(run) if cfg.fid_inception else _fd_classifier(data, cfg, run))
+    n = min(n or len(samples), len(samples), len(data.test))
+    key = (data.name, data.shape, len(data.train))
+    net = _net("inception", lambda: _fd_inception(run)) if cfg.fid_inception else _net(key, lambda: _fd_classifier(data, cfg, run))[:-1]
     real = data.test[:n].float() / 255
     real = torch.bernoulli(real, generator=torch.Generator().manual_seed(1234)) if cfg.binarize else real
     feats = lambda x: torch.cat([net(xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
