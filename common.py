@@ -603,7 +603,7 @@ def frechet_from_features(f1, f2):
     return ((f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * tr).item()
 
 def _fd_classifier(data, cfg, run, epochs=2):
-    """Penultimate-layer features (128-d) of a small conv net trained, seeded, on the training labels (unlabelled data: on 4
+    """A small conv net (penultimate layer: 128-d features) trained, seeded, on the training labels (unlabelled data: on 4
     rotations, Gidaris et al. 2018), cached in cfg.cache_dir (key: below); absent or unreadable: (re)trained, with progress lines."""
     path = Path(cfg.cache_dir, "fd-v1-" + re.sub(r"[^\w.-]+", "_", f"{data.name}-{'x'.join(map(str, data.shape))}-{len(data.train)}.pt"))
     rot = lambda x, y: (x, y) if y is not None else (torch.cat([x.rot90(k, (2, 3)) for k in range(4)]), torch.arange(4).repeat_interleave(len(x)))
@@ -646,35 +646,29 @@ def _fd_inception(run):  # torchvision's Inception-v3 pool features (2048-d) of 
     net = net.to(run.device).eval()
     return lambda x: net((nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear") - stats[0]) / stats[1])
 
-_FD_NETS = {}  # feature extractors loaded in this process
-
-def _net(key, make):  # a feature net, made (trained or loaded) once per process
-    return _FD_NETS.get(key) or _FD_NETS.setdefault(key, make())
+_FD_NETS = {}  # feature nets loaded in this process: FD's classifier per data set, Inception-v3
 
 @torch.no_grad()
 def classify(x, data, cfg, run):
     """Features (N, 128) and logits (N, K), float64 on the CPU, of images x in [0, 1] by FD's classifier (an independent net trained
     on data's labels; on 4 rotations if unlabelled): what fidelity and diversity numbers of samples are computed from."""
-    net = _net((data.name, data.shape, len(data.train)), lambda: _fd_classifier(data, cfg, run))
+    key = (data.name, data.shape, len(data.train))
+    net = _FD_NETS[key] = _FD_NETS.get(key) or _fd_classifier(data, cfg, run)
     f = torch.cat([net[:-1](xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
     return f, f @ net[-1].weight.double().cpu().T + net[-1].bias.double().cpu()
-
-def inception_like_score(logits):
-    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean p(y|x) of the samples (Salimans et al. 2016, one split) in classify's classes, not Inception-v3's."""
-    log_p = logits.double().log_softmax(1)
-    return math.exp((log_p.exp() * (log_p - log_p.exp().mean(0).log())).sum(1).mean().item())
 
 @torch.no_grad()
 def frechet_distance(samples, data, cfg, run, n=None):
     """FD (report it as fd_label(cfg)) of the first n samples (images in [0, 1] of data.shape) and test images (binarized, seeded, if cfg.binarize;
-    n <= both counts, default all) in _fd_classifier's or (cfg.fid_inception) Inception-v3's features; biased up at small n: compare at equal n."""
+    n <= both counts, default all) in classify's or (cfg.fid_inception) Inception-v3's features; biased up at small n: compare at equal n."""
     if data.kind != "image" or tuple(samples.shape[1:]) != tuple(data.shape):
         fail(f"FD needs images of shape {data.shape} of an image data set; got {tuple(samples.shape[1:])} of {data.kind}")
     n = min(n or len(samples), len(samples), len(data.test))
-    key = (data.name, data.shape, len(data.train))
-    net = _net("inception", lambda: _fd_inception(run)) if cfg.fid_inception else _net(key, lambda: _fd_classifier(data, cfg, run))[:-1]
     real = data.test[:n].float() / 255
     real = torch.bernoulli(real, generator=torch.Generator().manual_seed(1234)) if cfg.binarize else real
+    if not cfg.fid_inception:
+        return frechet_from_features(classify(samples[:n], data, cfg, run)[0], classify(real, data, cfg, run)[0])
+    net = _FD_NETS["inception"] = _FD_NETS.get("inception") or _fd_inception(run)
     feats = lambda x: torch.cat([net(xb.to(run.device).float()).double().cpu() for xb in x.split(250)])
     return frechet_from_features(feats(samples[:n]), feats(real))
 

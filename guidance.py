@@ -1,67 +1,52 @@
 """Guided diffusion: classifier guidance, classifier-free guidance, and text as the condition (GLIDE).
 
-Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233 (ADM, classifier guidance).
-Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598.
-Nichol et al., "GLIDE: Towards Photorealistic Image Generation and Editing with Text-Guided Diffusion Models", arXiv 2112.10741.
-Slides: "Diffusion Models Beat GANs on Image Synthesis" (classifier guided DDPM and DDIM sampling, the fidelity / diversity
-trade-off), "Classifier-Free Diffusion Guidance" (the w table) and "GLIDE" (how to input text as the condition).
+Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233 (ADM); Ho & Salimans,
+"Classifier-Free Diffusion Guidance", arXiv 2207.12598; Nichol et al., "GLIDE", arXiv 2112.10741.
+Slides: "Diffusion Models Beat GANs on Image Synthesis" (classifier guided DDPM and DDIM sampling, the fidelity /
+diversity trade-off), "Classifier-Free Diffusion Guidance" (the w table), "GLIDE" (how to input text as the condition).
 
-One DDPM (x_0 scaled to [-1, 1], q(x_t|x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)) is trained on
-L_simple = ||eps - eps_theta(x_t, t, c)||^2 with the condition c (a label, or a caption) replaced by the null condition
-with probability p_uncond, so the same network is the conditional eps_theta(z, c) and the unconditional eps_theta(z) =
-eps_theta(z, c = null). A second network, the classifier p_phi(y | x_t, t), is trained on noisy images x_t. Sampling:
-
-    classifier guidance, DDPM (ADM Algorithm 1):  x_{t-1} ~ N(mu + s Sigma g, Sigma),  g = grad_{x_t} log p_phi(y | x_t, t)
-    classifier guidance, DDIM (ADM Algorithm 2):  eps_hat = eps_theta(x_t) - sqrt(1 - alpha_bar_t) s g, then the DDIM step
-        x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_hat + sigma_t z,
-        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t),  sigma_t = eta sqrt(beta_tilde_t)
+One DDPM (x_0 in [-1, 1]) is trained on L_simple = ||eps - eps_theta(x_t, t, c)||^2 with the condition c (a label or a
+caption) replaced by the null one with probability p_uncond: one network is eps_theta(z, c) and eps_theta(z) =
+eps_theta(z, c = null). A classifier p_phi(y | x_t, t) is trained on noisy images. Sampling, g = grad_{x_t} log p_phi(y | x_t):
+    classifier guidance, DDPM (ADM Algorithm 1):  x_{t-1} ~ N(mu + s Sigma g, Sigma)
+    classifier guidance, DDIM (ADM Algorithm 2):  eps_hat = eps_theta(x_t) - sqrt(1 - alpha_bar_t) s g, then
+        x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_hat + sigma_t z, sigma_t = eta sqrt(beta_tilde_t)
     classifier-free guidance:  eps_tilde = (1 + w) eps_theta(z, c) - w eps_theta(z)   (both terms in one batched pass)
+eps_theta(x_t) is the unconditional branch (`--base uncond`) or the conditional one (`--base cond`, ADM's guided
+conditional models). With exact models s = 1 samples p(x | y) (Bayes: grad log p(x|y) = grad log p(x) + grad log p(y|x));
+s > 1 sharpens it: fidelity up, diversity down.
+GLIDE at toy scale (`--cond text`): a caption from each label ("a photo of a sneaker", 4 templates), a fixed word
+vocabulary (0: padding), a small transformer (token + position embeddings, a learned padding embedding, pre-LN blocks,
+final LayerNorm); the final token's embedding, projected, is added to the time embedding in place of a class embedding,
+the token embeddings are projected to every attention layer's keys and values and concatenated to its context; the
+null caption is the empty one, as GLIDE's.
 
-where eps_theta(x_t) is the unconditional branch (`--base uncond`) or the conditional one (`--base cond`, ADM's
-conditional models also guided by the classifier); s = 1 with exact models samples p(x | y) exactly (Bayes:
-grad log p(x|y) = grad log p(x) + grad log p(y|x)), s > 1 sharpens it: fidelity up, diversity down.
-GLIDE at toy scale (`--cond text`): each training image gets a caption made from its label ("a photo of a sneaker",
-4 templates), tokenized by a fixed word vocabulary (index 0: padding), encoded by a small transformer (token + position
-embeddings, a learned padding embedding where there is no word, pre-LN blocks, a final LayerNorm); the final token's
-embedding is projected and added to the time embedding in place of a class embedding, and the last layer's token
-embeddings are projected to each attention layer's keys and values and concatenated to its context. The null caption is
-the empty one (all padding), as GLIDE's.
-
-Details as the official code (openai/guided-diffusion, openai/glide-text2im): g is taken at the current x_t (the slide's
-Taylor expansion is around mu; ADM's code evaluates at x_t), the classifier gets the network timestep of a respaced step,
-the clipped x_0 prediction is turned back into eps before the guidance is added (ADM's condition_score) and not clipped
-again; the classifier is the U-Net's down path and middle with its own time embedding, then GroupNorm, SiLU, global
-average pooling and a zero-initialised linear layer (ADM's "adaptive" pool; ADM's default is attention pooling), trained
-on x_t with t uniform over 1..T with AdamW (lr 3e-4, weight decay 0.05, lr annealed linearly to 0).
-Differences from ADM: the U-Net is DDPM's (additive time embedding, not AdaGN scale-shift; convolutional up/down, not
-residual), fixed variances (sigma_t^2 = beta_t) and L_simple (ADM learns Sigma with L_hybrid); the label (or caption)
-embedding is added to the time embedding as ADM's label_emb, with one extra row for the null label. ADM's sampler sweep
-used 250 DDPM steps (and 25 DDIM steps, "ADM-G (25 steps)"); this file's sweep uses `--sample-steps 25` DDIM steps.
-
-Metrics (no likelihood here: guidance changes the sampler, not the model; ddpm.py reports a bound): held-out L_simple of
-the conditional and of the unconditional branch at the same x_t, and the noisy classifier's accuracy, by t quartile;
-the sweep (`--eval`, and at the end of training): for each guidance kind and scale, `--sweep-n` samples per class scored
-with common's independent Fashion-MNIST classifier (common.classify): FD (classifier features) against as many test
-images, the IS-like score exp E KL(p(y|x) || p(y)), the accuracy of the classifier on the intended class, precision and
-recall (Kynkaanniemi et al. 2019, k = 3 nearest neighbours, in the same features; the paper used VGG-16's), and
-diversity = the mean pairwise feature distance between samples of the same class (the test images' value beside it).
-
-Presets: `fashion-mnist` (CPU) a 4x narrower U-Net than DDPM's CIFAR-10 model (32 channels, multipliers 1,2,2, attention
-at 7, 1 res block per level) and a classifier of the same shape, both for few steps; `cifar10` (GPU) DDPM's CIFAR-10
-U-Net (35.7M) with a label embedding, p_uncond 0.1, the classifier at width 128 with ADM's classifier recipe.
-No guidance paper trained CIFAR-10 models: the cifar10 preset is DDPM's model with ADM's and Ho & Salimans' settings.
-ImageNet 64x64 (not loaded by common): ADM's model is 192 channels, multipliers 1,2,3,4, 3 res blocks, attention at
-32,16,8 with 64 channels per head, dropout 0.1, cosine schedule, learned sigmas; its classifier depth 4, scale 1.0.
+As the official code (openai/guided-diffusion, openai/glide-text2im): g at the current x_t (the slide expands around
+mu); the classifier gets the network timestep of a respaced step; the clipped x0_hat is turned back into eps before the
+guidance (ADM's condition_score), not clipped again; the classifier is the U-Net's down path and middle with its own
+time embedding, then GroupNorm, SiLU, average pooling (ADM's "adaptive" pool; its default: attention pooling) and a
+zero-initialised linear layer, trained on x_t, t ~ U{1..T}, by AdamW (lr 3e-4, weight decay 0.05, annealed to 0).
+Differences from ADM: DDPM's U-Net (additive time embedding, not AdaGN; conv up/down), fixed sigma_t^2 = beta_t with
+L_simple (ADM: learned Sigma, L_hybrid), GroupNorm groups halved below 4 channels per group (ADM: 32), the null label
+as one more row of the label embedding; the sweep uses 25 DDIM steps ("ADM-G (25 steps)"; ADM's sweep: 250 DDPM steps).
+Metrics (no likelihood: guidance changes the sampler, not the model; ddpm.py has the bound): held-out L_simple of both
+branches at the same x_t and the noisy classifier's accuracy, by t quartile; the sweep (`--eval`; after `--stage all`):
+per kind and scale, `--sweep-n` samples per class scored by common.classify (an independent classifier): FD, IS-like
+exp E KL(p(y|x) || p(y)), accuracy on the intended class, precision / recall (Kynkaanniemi et al. 2019, k = 3, in the
+same features; ADM: VGG-16's), diversity = mean pairwise feature distance within a class.
+Presets: `fashion-mnist` (CPU) a 4x narrower U-Net than DDPM's CIFAR-10 model (32 channels, 1,2,2, attention at 7, 1 res
+block) and a classifier of its shape; `cifar10` (GPU) DDPM's CIFAR-10 U-Net + label embedding, p_uncond 0.1, ADM's
+classifier recipe at width 128 (no guidance paper trained CIFAR-10). ImageNet 64x64 (not in common): ADM used 192
+channels, 1,2,3,4, 3 res blocks, attention at 32,16,8, dropout 0.1, cosine schedule, learned sigmas, classifier scale 1.
 
 Run:
     python guidance.py                                  # fashion-mnist: diffusion model, classifier, then the sweep
-    python guidance.py --stage diffusion & python guidance.py --stage classifier   # the two networks in parallel
-    python guidance.py --eval                           # the sweep (FD, IS-like, accuracy, precision, recall, diversity)
+    python guidance.py --eval                           # the sweep again (FD, IS-like, accuracy, precision, recall, diversity)
     python guidance.py --sample 100 --guidance free --scale 2          # a row per class
-    python guidance.py --cond text --out runs/guidance/text && \\
-      python guidance.py --cond text --out runs/guidance/text --sample 16 --prompt "a photo of a sneaker" --scale 3
+    python guidance.py --cond text --stage diffusion --out runs/guidance/text && \
+      python guidance.py --sample 16 --ckpt runs/guidance/text/ckpt.pt --prompt "a photo of a sneaker" --scale 3
 
-Results (fashion-mnist, 2 CPU cores; README has the whole sweep table):
+Results (fashion-mnist, 2 CPU cores; README has the sweep tables):
     `python guidance.py`: 33 min 35 s wall; U-Net 1.11M at 0.48 s/step, classifier 0.44M; held-out L_simple cond 0.03927,
     uncond 0.04024; sweep (200 samples, DDIM 25): free w = 0 / 1 / 4: FD 52.53 / 32.25 / 55.48, accuracy 0.765 / 0.940 /
     0.990, recall 0.845 / 0.700 / 0.390; classifier s = 1 / 2 / 4: FD 34.55 / 30.52 / 32.76, accuracy 0.850 / 0.855 / 0.900.
@@ -129,7 +114,6 @@ class Config(common.TrainConfig):
     grid: int = 10  # samples per class in each samples_<step>.png (a row per class)
     eval_batch: int = 250  # images per batch in evaluate and the sweep
 
-
 PRESETS = {
     "cifar10": dict(channels=128, ch_mult="1,2,2,2", res_blocks=2, attn_res="16", dropout=0.1, lr=2e-4, batch_size=128,
                     warmup=5000, ema=0.9999, steps=800_000, cls_steps=300_000, cls_channels=128, cls_res_blocks=2,
@@ -140,14 +124,8 @@ PRESETS = {
 }
 KINDS = ("free", "classifier", "classifier-uncond")
 
-
-def floats(s):
-    return [float(v) for v in s.split(",") if v.strip()]
-
-
-def ints(s):
-    return [int(v) for v in s.split(",") if v.strip()]
-
+def ints(s, kind=int):  # "1,2,2" -> [1, 2, 2]
+    return [kind(v) for v in s.split(",") if v.strip()]
 
 def resolve(cfg):
     for flag, v, lo in (("--T", cfg.T, 2), ("--channels", cfg.channels, 1), ("--res-blocks", cfg.res_blocks, 1),
@@ -165,10 +143,9 @@ def resolve(cfg):
     if cfg.text_width < 1 or cfg.text_heads < 1 or cfg.text_width % cfg.text_heads:
         common.fail(f"--text-width {cfg.text_width} must be a positive multiple of --text-heads {cfg.text_heads}")
     try:
-        ints(cfg.ch_mult), ints(cfg.attn_res), floats(cfg.sweep_scales)
+        ints(cfg.ch_mult), ints(cfg.attn_res), ints(cfg.sweep_scales, float)
     except ValueError:
-        common.fail(f"--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} / --sweep-scales {cfg.sweep_scales!r}: "
-                    "expected comma-separated numbers")
+        common.fail(f"--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} / --sweep-scales {cfg.sweep_scales!r}: expected comma-separated numbers")
     bad = [k for k in cfg.sweep_kinds.split(",") if k not in KINDS]
     if bad or not cfg.sweep_kinds:
         common.fail(f"--sweep-kinds {cfg.sweep_kinds!r}: {bad[0] if bad else 'empty'} unknown; accepted: a comma-separated list of {', '.join(KINDS)}")
@@ -183,10 +160,8 @@ NAMES = {"fashion-mnist": ("t-shirt", "trouser", "pullover", "dress", "coat", "s
          "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")}
 TEMPLATES = ("a photo of {}", "a picture of {}", "an image of {}", "{}")
 
-
 def caption(name, template=0):  # "a photo of a sneaker", "an image of an ankle boot"
     return TEMPLATES[template].format(("an " if name[0] in "aeiou" else "a ") + name)
-
 
 class Captions:
     """A fixed word vocabulary (index 0: padding, then the words of every template and class name, sorted) and the
@@ -199,14 +174,12 @@ class Captions:
 
     def encode(self, text):
         words = text.lower().split()
-        unknown = [w for w in words if w not in self.vocab or w == "<pad>"]
-        if unknown:
+        if unknown := [w for w in words if w not in self.vocab or w == "<pad>"]:
             common.fail(f"caption {text!r}: the word {unknown[0]!r} is not in the vocabulary; accepted words: "
                         + ", ".join(w for w in self.vocab if w != "<pad>"))
         if len(words) > self.ctx:
             common.fail(f"caption {text!r} has {len(words)} words; --text-ctx {self.ctx} holds at most {self.ctx}")
         return torch.tensor([self.vocab[w] for w in words] + [0] * (self.ctx - len(words)))
-
 
 class Conditions:
     """What the diffusion model is conditioned on: the label (null: the extra label n_classes), or a caption made from it
@@ -221,9 +194,7 @@ class Conditions:
         self.vocab = len(self.captions.vocab) if self.text else 0
 
     def of(self, labels, templates=None):
-        if not self.text:
-            return labels
-        return self.table[labels, torch.zeros_like(labels) if templates is None else templates]
+        return self.table[labels, torch.zeros_like(labels) if templates is None else templates] if self.text else labels
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -252,7 +223,6 @@ class Schedule(nn.Module):
         self.register_buffer("steps", torch.cat([torch.zeros(1, dtype=torch.long), steps.long()]), persistent=False)
         self.S = len(steps)
 
-
 def make_schedule(cfg, S=None):
     """Ho et al.'s linear betas (or the cosine alpha_bar of Nichol & Dhariwal eq. 17), alpha_bar in fp64, on S of the T steps."""
     if cfg.schedule == "cosine":
@@ -263,7 +233,6 @@ def make_schedule(cfg, S=None):
     alpha_bar, S = torch.cumprod(1 - betas, 0), S or cfg.T
     t = torch.linspace(1, cfg.T, S, dtype=torch.float64).round().long() if S > 1 else torch.tensor([cfg.T])
     return Schedule(alpha_bar[t - 1], t)
-
 
 def at(v, i):  # a schedule vector at indices i (B,), shaped to broadcast over (B, C, H, W)
     return v[i][:, None, None, None]
@@ -278,14 +247,12 @@ def norm(c):
         g //= 2
     return nn.GroupNorm(g, c)
 
-
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of the integer timesteps t (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / max(half - 1, 1))
     args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([args.sin(), args.cos()], 1)
-
 
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv; + the projected (time + condition) embedding; GroupNorm, SiLU, dropout, conv; + skip."""
@@ -301,7 +268,6 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.block1(x) + self.temb(emb)[:, :, None, None]
         return self.skip(x) + self.block2(h)
-
 
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, residual. With ctx_dim (slide "GLIDE"): the caption's token
@@ -323,7 +289,6 @@ class Attention(nn.Module):
         split = lambda z: z.view(B, z.shape[1], self.heads, C // self.heads).transpose(1, 2)  # (B, heads, L, C / heads)
         h = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(B, H * W, C)
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
-
 
 class Encoder(nn.Module):
     """The U-Net's down path and middle: conv, res blocks (+ attention at attn_res) per level, stride-2 convs between
@@ -355,41 +320,23 @@ class Encoder(nn.Module):
                 hs.append(layer[1](h, ctx) if len(layer) > 1 else h)
         return self.mid[2](self.mid[1](self.mid[0](hs[-1], emb), ctx), emb), hs
 
-
-class TextBlock(nn.Module):
-    """Pre-LN transformer block (GLIDE's, from CLIP): x + attn(LN(x)), then x + MLP(LN(x)), MLP 4x wide with GELU."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads, self.ln1, self.ln2 = heads, nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, h):
-        B, K, W = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(B, K, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, K, W/heads) each
-        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, K, W))  # full (not causal) attention
-        return h + self.mlp(self.ln2(h))
-
-
 class TextEncoder(nn.Module):
     """slide "GLIDE": tokens -> a transformer; the final token's embedding (projected) replaces the class embedding, the
-    last layer's token embeddings are the attention context. tokens (B, K) -> (B, t_dim), (B, K, width)."""
+    last layer's token embeddings are the attention context. Blocks as GLIDE's (CLIP's): pre-LN, full self-attention,
+    a 4x MLP with GELU, a final LayerNorm. tokens (B, K) -> (B, t_dim), (B, K, width)."""
 
     def __init__(self, vocab, ctx, width, layers, heads, t_dim):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos, self.pad = (nn.Parameter(0.01 * torch.randn(ctx, width)) for _ in range(2))  # GLIDE: xf_padding
-        self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(layers)])
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False) if layers else nn.Identity()
         self.ln, self.proj = nn.LayerNorm(width), nn.Linear(width, t_dim)
 
     def forward(self, tokens):
         h = torch.where((tokens > 0)[..., None], self.tok(tokens) + self.pos, self.pad)  # (B, K, width); padding: its own embedding
-        for block in self.blocks:
-            h = block(h)
-        h = self.ln(h)
+        h = self.ln(self.blocks(h))
         return self.proj(h[:, -1]), h
-
 
 class UNet(nn.Module):
     """eps_theta(x_t, t, c): the DDPM U-Net (Ho et al. appendix B) with the condition's embedding added to the time
@@ -437,7 +384,6 @@ class UNet(nn.Module):
                 h = layer[1](h, ctx) if len(layer) > 1 else h
         return self.out(h)
 
-
 class Classifier(nn.Module):
     """p_phi(y | x_t, t) (ADM sec. 4): the U-Net's down path and middle with its own time embedding, then GroupNorm,
     SiLU, global average pooling and a zero-initialised linear layer to the logits."""
@@ -460,11 +406,9 @@ class Classifier(nn.Module):
 def q_sample(sched, x0, i, eps):
     return at(sched.sqrt_alpha_bar, i) * x0 + at(sched.sqrt_one_minus_alpha_bar, i) * eps
 
-
 def drop_condition(c, null, drop):
     """Ho & Salimans Algorithm 1: c <- null where drop (B,) is True; labels (B,) or tokens (B, K)."""
     return torch.where(drop.view(-1, *[1] * (c.dim() - 1)), null.to(c), c)
-
 
 def loss_fn(net, sched, x, c, null, p_uncond):
     """Ho & Salimans Algorithm 1 (joint training): c dropped to null with probability p_uncond, then L_simple =
@@ -478,13 +422,11 @@ def loss_fn(net, sched, x, c, null, p_uncond):
     loss = per.mean()
     return loss, {"loss": loss, "null_frac": drop.float().mean(), **by_quartile(per.detach(), t, sched.S, "loss")}
 
-
 def by_quartile(v, t, T, name):  # the mean of v (B,) in each quarter of 1..T (NaN where none: the Logger skips it)
     q = (t - 1) * 4 // T
     sums, counts = (torch.zeros(4, device=v.device).scatter_add(0, q, w) for w in (v.float(), torch.ones_like(v, dtype=torch.float)))
     means = torch.where(counts > 0, sums / counts.clamp_min(1), math.nan)
     return {f"{name}_q{k}": means[k] for k in range(4)}
-
 
 # ADM sec. 4: the classifier is trained on noisy images x_t ~ q(x_t|x_0), t ~ U{1..T}, by cross-entropy
 def classifier_loss(net, sched, x, y):
@@ -505,7 +447,6 @@ def classifier_grad(classifier, x_t, t, y):
         log_p = classifier(x, t).float().log_softmax(-1)  # (B, K), fp32
         return torch.autograd.grad(log_p.gather(1, y[:, None]).sum(), x)[0].float()
 
-
 # slide "Classifier-Free Diffusion Guidance": eps_tilde = (1 + w) eps_theta(z, c) - w eps_theta(z), one batched forward pass
 def cfg_eps(model, x_t, t, c, null, w):
     if w == 0:  # the conditional model itself (half the cost)
@@ -513,16 +454,13 @@ def cfg_eps(model, x_t, t, c, null, w):
     e_c, e_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, null.to(c).expand_as(c)])).float().chunk(2)
     return (1 + w) * e_c - w * e_u
 
-
 # slide "Classifier guided DDIM sampling": eps_hat = eps_theta(x_t) - sqrt(1 - alpha_bar_t) grad log p_phi(y | x_t), times s
 def guided_eps(sched, i, eps, g, s):
     return eps - at(sched.sqrt_one_minus_alpha_bar, i) * s * g
 
-
 # slide "Classifier guided diffusion sampling": p(x_t | x_{t+1}, y) ~ N(mu + s Sigma g, Sigma)
 def guided_mean(mean, var, g, s):
     return mean + s * var * g
-
 
 @torch.no_grad()
 def sample(model, sched, shape, c, null, w=0.0, classifier=None, y=None, s=0.0, sampler="ddim", eta=0.0, sigma="beta", clip_x0=True):
@@ -535,25 +473,22 @@ def sample(model, sched, shape, c, null, w=0.0, classifier=None, y=None, s=0.0, 
     for k in range(sched.S, 0, -1):
         i = torch.full((n,), k, device=device, dtype=torch.long)
         t = sched.steps[i]  # the network's timestep of index k
+        x0_hat = lambda eps: at(sched.sqrt_recip_alpha_bar, i) * x - at(sched.sqrt_recipm1_alpha_bar, i) * eps  # (x_t - sqrt(1 - ab) eps) / sqrt(ab)
         eps = cfg_eps(model, x, t, c, null, w)
-        if clip_x0:  # x0_hat = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clipped, and eps recomputed from it (ADM)
-            x0 = (at(sched.sqrt_recip_alpha_bar, i) * x - at(sched.sqrt_recipm1_alpha_bar, i) * eps).clamp(-1, 1)
-            eps = (at(sched.sqrt_recip_alpha_bar, i) * x - x0) / at(sched.sqrt_recipm1_alpha_bar, i)
+        if clip_x0:  # x0_hat clipped, and eps recomputed from it (ADM)
+            eps = (at(sched.sqrt_recip_alpha_bar, i) * x - x0_hat(eps).clamp(-1, 1)) / at(sched.sqrt_recipm1_alpha_bar, i)
         g = classifier_grad(classifier, x, t, y) if s != 0 else None
         if sampler == "ddim":
             eps = guided_eps(sched, i, eps, g, s) if s != 0 else eps
-            x0 = at(sched.sqrt_recip_alpha_bar, i) * x - at(sched.sqrt_recipm1_alpha_bar, i) * eps
             sig = eta * at(sched.beta_tilde, i).sqrt()
-            x = (at(sched.sqrt_alpha_bar_prev, i) * x0 + (at(sched.one_minus_alpha_bar_prev, i) - sig ** 2).clamp_min(0).sqrt() * eps
+            x = (at(sched.sqrt_alpha_bar_prev, i) * x0_hat(eps) + (at(sched.one_minus_alpha_bar_prev, i) - sig ** 2).clamp_min(0).sqrt() * eps
                  + (sig * torch.randn_like(x) if eta > 0 and k > 1 else 0))
         else:
-            x0 = at(sched.sqrt_recip_alpha_bar, i) * x - at(sched.sqrt_recipm1_alpha_bar, i) * eps
-            mean = at(sched.coef_x0, i) * x0 + at(sched.coef_xt, i) * x  # mu_theta(x_t) = mu_tilde(x_t, x0_hat)
+            mean = at(sched.coef_x0, i) * x0_hat(eps) + at(sched.coef_xt, i) * x  # mu_theta(x_t) = mu_tilde(x_t, x0_hat)
             var = at(sched.var_beta if sigma == "beta" else sched.beta_tilde, i)
             mean = guided_mean(mean, var, g, s) if s != 0 else mean
             x = mean + var.sqrt() * torch.randn_like(x) if k > 1 else mean
     return ((x + 1) / 2).clamp(0, 1)
-
 
 def guided_sample(model, classifier, sched, shape, labels, kind, scale, cfg, conds, run, c=None):
     """Samples of the labels (B,) under one guidance kind: free (w = scale), classifier (s = scale on the conditional
@@ -562,7 +497,7 @@ def guided_sample(model, classifier, sched, shape, labels, kind, scale, cfg, con
     for yb in labels.to(run.device).split(cfg.eval_batch):
         cb, null = conds.of(yb) if c is None else c.expand(len(yb), *c.shape[1:]), conds.null  # c: a prompt's tokens
         uncond = kind == "classifier-uncond" or kind in ("classifier", "none") and cfg.base == "uncond"
-        cb = null.expand_as(cb) if uncond else cb
+        cb = null.expand_as(cb) if uncond else cb  # the unconditional model: the null condition
         w, s = (scale, 0.0) if kind == "free" else (0.0, scale if kind.startswith("classifier") else 0.0)
         if s != 0 and classifier is None:
             common.fail(f"classifier guidance needs a trained classifier; none at {classifier_path(cfg)} (run --stage classifier)")
@@ -579,16 +514,16 @@ def precision_recall(real, fake, k=3):
     d = torch.cdist(fake, real)  # (N_fake, N_real)
     return (d <= radius(real)[None]).any(1).double().mean().item(), (d.T <= radius(fake)[None]).any(1).double().mean().item()
 
+def inception_like_score(logits):
+    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean p(y|x) of the samples (Salimans et al. 2016, one split), in common.classify's
+    classes (not Inception-v3's): 1 <= score <= the number of classes."""
+    log_p = logits.double().log_softmax(1)
+    return math.exp((log_p.exp() * (log_p - log_p.exp().mean(0).log())).sum(1).mean().item())
 
 def within_class_distance(f, labels):
     """Diversity: the mean pairwise feature distance between two different samples of the same class, averaged over classes."""
-    means = []
-    for y in labels.unique():
-        fy = f[labels == y]
-        if len(fy) > 1:
-            means.append(torch.pdist(fy).mean().item())
+    means = [torch.pdist(f[labels == y]).mean().item() for y in labels.unique() if (labels == y).sum() > 1]
     return sum(means) / max(len(means), 1)
-
 
 @torch.no_grad()
 def evaluate(model, classifier, data, cfg, run, step):
@@ -607,13 +542,11 @@ def evaluate(model, classifier, data, cfg, run, step):
             mse = [(cfg_eps(model, x_t, t, cc, conds.null, 0.0) - eps).pow(2).flatten(1).mean(1) for cc in (c, conds.null.expand_as(c))]
             correct = (classifier(x_t, t).argmax(1) == y).float() if classifier is not None else torch.full_like(mse[0], math.nan)
         rows.append(torch.stack([t.float(), *mse, correct], 1))
-    t, mse_c, mse_u, correct = torch.cat(rows).T
-    t = t.long()
-    extras = dict(mse_cond=mse_c.mean().item(), mse_uncond=mse_u.mean().item(), cls_accuracy=correct.mean().item())
-    for name, v in (("mse_cond", mse_c), ("mse_uncond", mse_u), ("cls_accuracy", correct)):
-        extras.update({k: q.item() for k, q in by_quartile(v, t, cfg.T, name).items()})
+    t, *values = torch.cat(rows).T
+    extras = {}
+    for name, v in zip(("mse_cond", "mse_uncond", "cls_accuracy"), values):
+        extras.update({name: v.mean().item(), **{k: q.item() for k, q in by_quartile(v, t.long(), cfg.T, name).items()}})
     return common.eval_record(step, None, "bpd", None, n, **extras)
-
 
 @torch.no_grad()
 def sweep(model, classifier, data, cfg, run, step, log):
@@ -631,7 +564,7 @@ def sweep(model, classifier, data, cfg, run, step, log):
         if kind.startswith("classifier") and classifier is None:
             run.print(f"sweep: no classifier at {classifier_path(cfg)}; {kind} guidance skipped (run --stage classifier)")
             continue
-        for scale in floats(cfg.sweep_scales):
+        for scale in ints(cfg.sweep_scales, float):
             t0 = time.time()
             with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed + 1)  # the same x_T and noise in every setting
@@ -642,7 +575,7 @@ def sweep(model, classifier, data, cfg, run, step, log):
             passes = cfg.sample_steps * (2 if kind == "free" and scale != 0 else 1)
             rec = common.eval_record(step, None, "bpd", None, n, guidance=kind, scale=scale,
                                      fd=common.frechet_distance(x, data, cfg, run, n), fd_kind=common.fd_label(cfg),
-                                     is_like=common.inception_like_score(logits), accuracy=(logits.argmax(1) == labels).double().mean().item(),
+                                     is_like=inception_like_score(logits), accuracy=(logits.argmax(1) == labels).double().mean().item(),
                                      precision=precision, recall=recall, diversity=within_class_distance(f, labels), diversity_test=div_real,
                                      nfe=passes, classifier_evals=cfg.sample_steps if kind.startswith("classifier") and scale != 0 else 0,
                                      images_per_s=len(x) / dt, sampler=f"{cfg.sampler} {cfg.sample_steps}", samples=len(x))
@@ -653,8 +586,7 @@ def sweep(model, classifier, data, cfg, run, step, log):
     if table:
         lines = [f"{len(labels)} samples per setting ({cfg.sweep_n} per class), {cfg.sampler} {cfg.sample_steps} steps, step {step}; "
                  f"{common.fd_label(cfg)} against {n} test images; test images' diversity {div_real:.3f}", "",
-                 "| guidance | scale | FD | IS-like | accuracy | precision | recall | diversity | U-Net evals | images/s |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "| guidance | scale | FD | IS-like | accuracy | precision | recall | diversity | U-Net evals | images/s |", "|" + " --- |" * 10]
         lines += [f"| {r['guidance']} | {r['scale']:g} | {r['fd']:.2f} | {r['is_like']:.3f} | {r['accuracy']:.3f} | {r['precision']:.3f} | "
                   f"{r['recall']:.3f} | {r['diversity']:.3f} | {r['nfe']} | {r['images_per_s']:.2f} |" for r in table]
         with common.writing(run.out / "sweep.md"):
@@ -667,11 +599,9 @@ def sweep(model, classifier, data, cfg, run, step, log):
 def classifier_path(cfg):
     return cfg.classifier_ckpt or os.path.join(os.path.dirname(cfg.ckpt) or ".", "classifier.pt")
 
-
 def load_classifier(cfg, device):
     """The classifier checkpoint (classifier_path), built with its own cls_* settings, or None if there is none."""
-    path = classifier_path(cfg)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path := classifier_path(cfg)):
         return None
     ckpt = common.load_checkpoint(path, (CLASSIFIER,))
     own = {k: v for k, v in ckpt["config"].items() if k.startswith("cls_") or k in ("ch_mult", "attn_res", "head_channels")}
@@ -679,113 +609,96 @@ def load_classifier(cfg, device):
     common.load_model_state(classifier, ckpt["model"], path)
     return classifier.to(device).eval()
 
-
 def save_images(model, cfg, data, conds, run, name):  # a row of cfg.grid samples per class, with --guidance / --scale
-    sched = make_schedule(cfg, cfg.sample_steps).to(run.device)
-    kind = cfg.guidance if cfg.guidance != "classifier" else "none"  # (no classifier while the diffusion model trains)
-    labels = torch.arange(conds.n_classes).repeat_interleave(cfg.grid)
-    x = guided_sample(model, None, sched, data.shape, labels, kind, cfg.scale, cfg, conds, run)
+    labels, kind = torch.arange(conds.n_classes).repeat_interleave(cfg.grid), cfg.guidance if cfg.guidance != "classifier" else "none"
+    x = guided_sample(model, None, make_schedule(cfg, cfg.sample_steps).to(run.device), data.shape, labels, kind, cfg.scale, cfg, conds, run)
     common.save_grid(x, run.out / f"{name}.png", nrow=cfg.grid)
 
+def fit(cfg, run, method, model, opt, batches, loss_of, lr_at, ema=None, every_step=None, **saved):
+    """One network's training loop (the diffusion model, or the classifier): resume, the guarded update, the log line,
+    checkpoints (also at the end and on Ctrl-C). loss_of(net, batch) -> (loss, terms); lr_at(step) a Python number."""
+    update, parts = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge), {"ema": ema} if ema else {}
+    step = common.resume(cfg, run, method, model, optimizer=opt, batches=batches, update=update, **parts)
+    net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
+    save = lambda: common.save_checkpoint(cfg, run, method, step, model=model, optimizer=opt, batches=batches, update=update, **parts, **saved)
+    with common.Stop(run, cfg) as stop:
+        while step < cfg.steps and not stop(step):
+            for group in opt.param_groups:  # (no host sync)
+                group["lr"] = lr_at(step)
+            with run.autocast():
+                loss, terms = loss_of(net, next(batches))
+            opt.zero_grad(set_to_none=True)
+            update(loss)
+            if ema:
+                ema.update(model, step + 1)
+            step += 1
+            log(step, terms)
+            if every_step:
+                every_step(step, log)
+            if common.every(step, cfg.ckpt_every):
+                save()
+    if run.world > 1:
+        common.ddp_check(model, run)
+    save()
+    stop.exit_if_stopped(step)
+    return step, log
 
 def train_diffusion(cfg, data, run, conds):
     """The conditional diffusion model with condition dropout (Ho & Salimans Algorithm 1): ckpt.pt."""
     sched = make_schedule(cfg).to(run.device)
     model = UNet(cfg, data.shape, conds.n_classes, conds.vocab).to(run.device)
-    if run.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ema = common.EMA(model, cfg.ema, cfg.ema_warmup)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
-    update = common.Update(opt, model, run, clip=cfg.grad_clip, diverge=cfg.diverge)
-    batches = common.Batches(data, cfg, run, hflip=cfg.hflip, labels=True)
-    step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update, ema=ema)
-    net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
+    model = model.to(memory_format=torch.channels_last) if run.device.type == "cuda" else model
+    ema, opt = common.EMA(model, cfg.ema, cfg.ema_warmup), torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.fused)
     run.print(f"guided diffusion U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | T {cfg.T} {cfg.schedule} | "
               f"condition {cfg.cond}" + (f" ({conds.vocab - 1} words, {cfg.text_layers}-layer transformer)" if conds.text else "")
               + f" | p_uncond {cfg.p_uncond}")
 
-    def checkpoint():
-        common.save_checkpoint(cfg, run, METHOD, step, model=model, ema=ema, optimizer=opt, batches=batches, update=update,
-                               shape=list(data.shape), n_classes=conds.n_classes)
+    def loss_of(net, batch):  # captions: a random template for each image
+        x, y = batch
+        return loss_fn(net, sched, x, conds.of(y, torch.randint(0, len(TEMPLATES), y.shape, device=y.device)), conds.null, cfg.p_uncond)
 
-    with common.Stop(run, cfg) as stop:
-        while step < cfg.steps and not stop(step):
-            for group in opt.param_groups:  # linear warm-up (Python numbers: no host sync)
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-            x, y = next(batches)
-            c = conds.of(y, torch.randint(0, len(TEMPLATES), y.shape, device=y.device))  # captions: a random template each
-            with run.autocast():
-                loss, terms = loss_fn(net, sched, x, c, conds.null, cfg.p_uncond)
-            opt.zero_grad(set_to_none=True)
-            update(loss)
-            ema.update(model, step + 1)
-            step += 1
-            log(step, terms)
-            if run.main and common.every(step, cfg.eval_every) and step < cfg.steps:
-                log.write(evaluate(ema.model, None, data, cfg, run, step))
-            if run.main and common.every(step, cfg.sample_every) and step < cfg.steps:
-                save_images(ema.model, cfg, data, conds, run, f"samples_{step}")
-            if common.every(step, cfg.ckpt_every):
-                checkpoint()
-    if run.world > 1:
-        common.ddp_check(model, run)
-    checkpoint()
-    stop.exit_if_stopped(step)
+    def every_step(step, log):
+        if run.main and common.every(step, cfg.eval_every) and step < cfg.steps:
+            log.write(evaluate(ema.model, None, data, cfg, run, step))
+        if run.main and common.every(step, cfg.sample_every) and step < cfg.steps:
+            save_images(ema.model, cfg, data, conds, run, f"samples_{step}")
+
+    step, log = fit(cfg, run, METHOD, model, opt, common.Batches(data, cfg, run, hflip=cfg.hflip, labels=True), loss_of,
+                    lambda step: cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)), ema, every_step,  # linear warm-up
+                    shape=list(data.shape), n_classes=conds.n_classes)
     if run.main and step >= cfg.steps:
         save_images(ema.model, cfg, data, conds, run, f"samples_{step}")
         log.write(evaluate(ema.model, None, data, cfg, run, step))
     return ema.model
 
-
 def train_classifier(cfg, data, run, n_classes):
     """The noisy classifier p_phi(y | x_t, t) (ADM): its own checkpoint, classifier.pt."""
     ccfg = replace(cfg, steps=cfg.cls_steps or cfg.steps, lr=cfg.cls_lr, ckpt=classifier_path(cfg))  # what common's helpers read
-    sched = make_schedule(cfg).to(run.device)
-    classifier = Classifier(cfg, data.shape, n_classes).to(run.device)
+    sched, classifier = make_schedule(cfg).to(run.device), Classifier(cfg, data.shape, n_classes).to(run.device)
     opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.cls_lr, weight_decay=cfg.cls_weight_decay, fused=run.fused)
-    update = common.Update(opt, classifier, run, clip=cfg.grad_clip, diverge=cfg.diverge)
-    batches = common.Batches(data, ccfg, run, hflip=cfg.hflip, labels=True)
-    step = common.resume(ccfg, run, CLASSIFIER, classifier, optimizer=opt, batches=batches, update=update)
-    net, log = common.wrap(classifier, run, ccfg), common.Logger(ccfg, run, step, update)
     run.print(f"noisy classifier {sum(p.numel() for p in classifier.parameters()) / 1e6:.2f}M parameters | AdamW lr {cfg.cls_lr} "
               f"annealed to 0 over {ccfg.steps} steps, weight decay {cfg.cls_weight_decay}")
-
-    def checkpoint():
-        common.save_checkpoint(ccfg, run, CLASSIFIER, step, model=classifier, optimizer=opt, batches=batches, update=update,
-                               shape=list(data.shape), n_classes=n_classes)
-
-    with common.Stop(run, ccfg) as stop:
-        while step < ccfg.steps and not stop(step):
-            for group in opt.param_groups:  # ADM's anneal_lr: linear to 0
-                group["lr"] = cfg.cls_lr * (1 - step / ccfg.steps)
-            x, y = next(batches)
-            with run.autocast():
-                loss, terms = classifier_loss(net, sched, x, y)
-            opt.zero_grad(set_to_none=True)
-            update(loss)
-            step += 1
-            log(step, terms)
-            if common.every(step, ccfg.ckpt_every):
-                checkpoint()
-    if run.world > 1:
-        common.ddp_check(classifier, run)
-    checkpoint()
-    stop.exit_if_stopped(step)
+    fit(ccfg, run, CLASSIFIER, classifier, opt, common.Batches(data, ccfg, run, hflip=cfg.hflip, labels=True),
+        lambda net, batch: classifier_loss(net, sched, *batch), lambda step: cfg.cls_lr * (1 - step / ccfg.steps),  # ADM's anneal_lr
+        shape=list(data.shape), n_classes=n_classes)
     return classifier.eval()
 
-
-def check_data(cfg, data):
+def load_data(cfg):
+    data = common.load_data(cfg)
     if data.kind != "image" or data.train_labels is None:
         common.fail(f"guidance.py needs labelled images (fashion-mnist, mnist, cifar10); --dataset {cfg.dataset} has "
                     + ("no labels" if data.kind == "image" else f"{data.kind} data"))
     if cfg.cond == "text" and data.name not in NAMES:
         common.fail(f"--cond text needs class names for its captions; known for {', '.join(NAMES)}")
+    return data
 
+def report(model, classifier, data, cfg, run, step):  # the held-out numbers, then the sweep
+    log = common.Logger(cfg, run, step)
+    log.write(evaluate(model, classifier, data, cfg, run, step))
+    return sweep(model, classifier, data, cfg, run, step, log) if cfg.sweep_n else []
 
 def train(cfg):
-    data = common.load_data(cfg)
-    check_data(cfg, data)
-    run = common.setup(cfg, METHOD)
+    data, run = load_data(cfg), common.setup(cfg, METHOD)
     conds = Conditions(cfg, data.name, int(data.train_labels.max()) + 1, run.device)
     model = classifier = None
     if cfg.stage in ("all", "diffusion"):
@@ -793,10 +706,7 @@ def train(cfg):
     if cfg.stage in ("all", "classifier"):
         classifier = train_classifier(cfg, data, run, conds.n_classes)
     if cfg.stage == "all" and run.main:
-        log = common.Logger(cfg, run, cfg.steps)
-        log.write(evaluate(model, classifier, data, cfg, run, cfg.steps))
-        if cfg.sweep_n:
-            sweep(model, classifier, data, cfg, run, cfg.steps, log)
+        report(model, classifier, data, cfg, run, cfg.steps)
     return model, classifier
 
 
@@ -815,31 +725,22 @@ def main():
     classifier = load_classifier(cfg, run.device)
     run.out.mkdir(parents=True, exist_ok=True)
     if cfg.sample:
-        if not -1 <= cfg.label < n_classes:
-            common.fail(f"--class {cfg.label} out of range; accepted: 0..{n_classes - 1}, or -1 for a row per class")
-        per = math.ceil(cfg.sample / n_classes)
-        labels = torch.full((cfg.sample,), max(cfg.label, 0)) if cfg.label >= 0 or cfg.prompt else torch.arange(n_classes).repeat_interleave(per)[:cfg.sample]
-        c = conds.captions.encode(cfg.prompt)[None].to(run.device) if cfg.prompt else None
-        if cfg.prompt and cfg.guidance == "classifier":
-            common.fail("--prompt samples with --guidance free or none (the classifier knows labels, not captions)")
-        sched = make_schedule(cfg, cfg.sample_steps).to(run.device)
-        t0 = time.time()
-        x = guided_sample(model, classifier, sched, shape, labels, cfg.guidance, cfg.scale, cfg, conds, run, c).cpu()
-        dt = time.time() - t0
-        common.save_grid(x, run.out / "sample.png", nrow=None if cfg.label >= 0 or cfg.prompt else per)
-        passes = cfg.sample_steps * (2 if cfg.guidance == "free" and cfg.scale != 0 else 1)
+        if not -1 <= cfg.label < n_classes or cfg.prompt and cfg.guidance == "classifier":
+            common.fail(f"--class {cfg.label} out of range; accepted: 0..{n_classes - 1}, or -1 for a row per class" if not cfg.prompt else
+                        "--prompt samples with --guidance free or none (the classifier knows labels, not captions)")
+        one, per = cfg.label >= 0 or cfg.prompt, math.ceil(cfg.sample / n_classes)  # one class (or prompt), or a row per class
+        labels = torch.full((cfg.sample,), max(cfg.label, 0)) if one else torch.arange(n_classes).repeat_interleave(per)[:cfg.sample]
+        t0, c = time.time(), conds.captions.encode(cfg.prompt)[None].to(run.device) if cfg.prompt else None
+        x = guided_sample(model, classifier, make_schedule(cfg, cfg.sample_steps).to(run.device), shape, labels, cfg.guidance, cfg.scale,
+                          cfg, conds, run, c).cpu()
+        dt, passes = time.time() - t0, cfg.sample_steps * (2 if cfg.guidance == "free" and cfg.scale != 0 else 1)
+        common.save_grid(x, run.out / "sample.png", nrow=None if one else per)
         what = f"prompt {cfg.prompt!r}" if cfg.prompt else f"class {cfg.label}" if cfg.label >= 0 else "a row per class"
         print(f"{cfg.sample} samples ({what}, guidance {cfg.guidance} {cfg.scale:g}) in {dt:.3f}s ({cfg.sample / dt:.2f} images/s, "
               f"{passes} U-Net evaluations each" + (f" + {cfg.sample_steps} classifier gradients" if cfg.guidance == "classifier" and cfg.scale else "")
               + f") -> {run.out / 'sample.png'}")
     if cfg.eval:
-        data = common.load_data(cfg)
-        check_data(cfg, data)
-        log = common.Logger(cfg, run, 0)
-        log.write(evaluate(model, classifier, data, cfg, run, ckpt["step"]))
-        if cfg.sweep_n:
-            sweep(model, classifier, data, cfg, run, ckpt["step"], log)
-
+        report(model, classifier, load_data(cfg), cfg, run, ckpt["step"])
 
 if __name__ == "__main__":
     main()

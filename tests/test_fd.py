@@ -1,7 +1,6 @@
 """common.frechet_distance: the float64 Frechet distance against closed forms, FD on (synthetic) Fashion-MNIST
 growing with corruption, the classifier cache (written once, reused, a corrupt file retrained, a read-only data
 dir), and the --fid-inception error when torchvision's weights cannot be loaded."""
-import math
 import os
 import shutil
 import urllib.error
@@ -118,7 +117,7 @@ def test_fid_inception_flag_and_offline_error(fake_fashion, fd_env, monkeypatch)
     assert "\n" not in msg and msg.startswith("error: --fid-inception: torchvision's Inception-v3 weights could not be loaded (URLError)")
 
 
-def test_classify_and_the_inception_like_score(fake_fashion, fd_env):
+def test_classify(fake_fashion, fd_env):
     cfg, data, run = setup_fashion(fake_fashion, fd_env)
     x = data.test.float() / 255
     f, logits = common.classify(x, data, cfg, run)
@@ -127,10 +126,3 @@ def test_classify_and_the_inception_like_score(fake_fashion, fd_env):
     torch.testing.assert_close(logits, net(x).double(), rtol=1e-4, atol=1e-4)  # features -> the last layer = the whole classifier
     other = data.train[:len(x)].float() / 255  # FD is computed in the same features
     assert common.frechet_distance(other, data, cfg, run) == pytest.approx(common.frechet_from_features(common.classify(other, data, cfg, run)[0], f), rel=1e-6)
-    K = 10  # IS-like: 1 when p(y|x) carries nothing, K for confident predictions spread evenly over the K classes
-    assert common.inception_like_score(torch.zeros(50, K)) == pytest.approx(1.0)
-    assert common.inception_like_score(torch.tensor([60.0]).repeat(50, 1) * torch.eye(K).repeat(5, 1)) == pytest.approx(K, rel=1e-6)
-    assert common.inception_like_score(50 * torch.eye(K)[torch.zeros(50, dtype=torch.long)]) == pytest.approx(1.0)  # one class only
-    p = torch.tensor([[0.7, 0.3], [0.2, 0.8]], dtype=torch.float64)  # by hand: exp(mean_x KL(p(y|x) || p(y))), p(y) = (0.45, 0.55)
-    kl = (p * (p / p.mean(0)).log()).sum(1).mean()
-    assert common.inception_like_score(p.log()) == pytest.approx(math.exp(kl.item()), rel=1e-12)

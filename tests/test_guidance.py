@@ -69,6 +69,16 @@ def test_label_dropout_rate(one_thread):
 
 
 # ----------------------------------------------------------------------------- classifier guidance
+def test_inception_like_score():
+    K = 10  # IS-like: 1 when p(y|x) carries nothing, K for confident predictions spread evenly over the K classes
+    assert G.inception_like_score(torch.zeros(50, K)) == pytest.approx(1.0)
+    assert G.inception_like_score(torch.tensor([60.0]).repeat(50, 1) * torch.eye(K).repeat(5, 1)) == pytest.approx(K, rel=1e-6)
+    assert G.inception_like_score(50 * torch.eye(K)[torch.zeros(50, dtype=torch.long)]) == pytest.approx(1.0)  # one class only
+    p = torch.tensor([[0.7, 0.3], [0.2, 0.8]], dtype=torch.float64)  # by hand: exp(mean_x KL(p(y|x) || p(y))), p(y) = (0.45, 0.55)
+    kl = (p * (p / p.mean(0)).log()).sum(1).mean()
+    assert G.inception_like_score(p.log()) == pytest.approx(math.exp(kl.item()), rel=1e-12)
+
+
 def test_classifier_grad_is_the_gradient_of_log_softmax():
     W = torch.randn(5, 12)  # a linear classifier: logits = W x
     clf = lambda x, t: x.flatten(1) @ W.T
