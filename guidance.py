@@ -35,8 +35,8 @@ per kind and scale, `--sweep-n` samples per class scored by common.classify (an 
 exp E KL(p(y|x) || p(y)), accuracy on the intended class, precision / recall (Kynkaanniemi et al. 2019, k = 3, in the
 same features; ADM: VGG-16's), diversity = mean pairwise feature distance within a class.
 Presets: `fashion-mnist` (CPU) a 4x narrower U-Net than DDPM's CIFAR-10 model (32 channels, 1,2,2, attention at 7, 1 res
-block) and a classifier of its shape; `cifar10` (GPU) DDPM's CIFAR-10 U-Net + label embedding, p_uncond 0.1, ADM's
-classifier recipe at width 128 (no guidance paper trained CIFAR-10). ImageNet 64x64 (not in common): ADM used 192
+block) and a classifier of its shape (lr 1e-3 for its 1500 steps); `cifar10` (GPU) DDPM's CIFAR-10 U-Net + label embedding,
+p_uncond 0.1, ADM's classifier recipe at width 128 (no guidance paper trained CIFAR-10). ImageNet 64x64: ADM used 192
 channels, 1,2,3,4, 3 res blocks, attention at 32,16,8, dropout 0.1, cosine schedule, learned sigmas, classifier scale 1.
 
 Run:
