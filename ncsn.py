@@ -25,7 +25,9 @@ CIFAR-10 config does not), fed to the network as 2x - 1, noise and scores in [0,
 conv units, multi-resolution fusion and chained residual (average) pooling; ELU), conditional instance normalisation++ with
 gamma, alpha ~ N(1, 0.02), beta = 0; Adam (0.9, 0.999), no clipping, no EMA (NCSNv2: 0.999); the DSM loss summed over
 pixels, averaged over the batch. Differences: the official sampler takes x + alpha s + sqrt(2 alpha) z with alpha = eps
-sigma_i^2 / sigma_L^2, i.e. Algorithm 1 with alpha twice as large (`--eps 4e-5` matches NCSN's code at 2e-5); `ncsnv2`
+sigma_i^2 / sigma_L^2, i.e. Algorithm 1 with alpha twice as large: the mnist / cifar10 presets take eps = 4e-5 (NCSN's
+code at 2e-5, the paper's text: 2e-5 with Algorithm 1) and 1.24e-5 for ncsnv2 (its code and paper: 6.2e-6 in the 2 alpha
+form), so that they sample as the code that made the papers' numbers; `ncsnv2`
 reuses NCSN's network with its normalisation made unconditional; 2D data: an MLP (softplus) with a learned embedding of the
 level added before every hidden activation (NCSN's toy experiment used no network of this kind).
 Metrics (no likelihood: test_nll is null): the held-out DSM loss per noise level (seeded noise), sampling cost (network
@@ -34,11 +36,13 @@ common.classify; 2D data: MMD^2 (unbiased; kernel sum_h exp(-||a - b||^2 / (2 h^
 samples and test points, next to the same MMD^2 between two halves of the test set (the floor), and, for 8gaussians (a
 known density), the score error E sigma^2 ||s_theta - grad log q_sigma||^2 per level, q_sigma the Gaussian mixture
 convolved with N(0, sigma^2 I).
-Presets: `fashion-mnist` (CPU) ngf 32 (NCSN's MNIST: 64), EMA 0.999 (ours), the paper's sigmas, eps, T; `toy` (every 2D set)
-sigma_1 = 5 (about the data's diameter, NCSNv2 technique 1), the paper's sigma_L, L, eps, T; `mnist`, `cifar10` the
-paper's (ngf 64 / 128, lr 1e-3, batch 128, 200k steps); with `--arch ncsnv2` the cifar10 preset is NCSNv2's (sigma_1 50,
-L 232, eps 6.2e-6, T 5, denoising, EMA 0.999, lr 1e-4, 300k steps, no dequantization); its other presets add only the
-denoising step and EMA.
+Presets: `fashion-mnist` (CPU) ngf 16 (NCSN's MNIST: 64; 0.52M parameters), 1500 steps x 64, EMA 0.999 (ours), the
+paper's sigmas, and T = 20 steps per level with eps = 1e-4 (paper: T 100, eps 2e-5; the same eps T) to make sampling 5x
+cheaper; `toy` (every 2D set) sigma_1 = 5 (about the data's diameter, NCSNv2 technique 1), 20000 steps x 512, the
+paper's sigma_L, L, eps, T; `mnist`, `cifar10` the paper's (ngf 64 / 128, lr 1e-3, batch 128, 200k steps, T 100, eps
+as above); with `--arch ncsnv2` the cifar10 preset is NCSNv2's (sigma_1 50, L 232, T 5, denoising, EMA 0.999, lr 1e-4,
+300k steps, no dequantization); its other presets add only the denoising step and EMA (NCSNv2's techniques 1, 2, 4 for
+sigma_1, L and eps were not applied to them).
 
 Run:
     python ncsn.py                                   # fashion-mnist: DSM, then FD / IS-like of annealed Langevin samples
@@ -91,11 +95,11 @@ PRESETS = {
                           eval_n=1000, eval_samples=250, eval_batch=250),
     "toy": dict(sigma_1=5.0, hidden=128, layers=3, batch_size=512, lr=1e-3, steps=20000, log_every=1000, ckpt_every=5000,
                 eval_samples=5000, eval_batch=5000, grid=20000),
-    "mnist": dict(ngf=64, batch_size=128, lr=1e-3, steps=200_000, log_every=1000, ckpt_every=5000, eval_samples=10000),
-    "cifar10": dict(ngf=128, hflip=True, batch_size=128, lr=1e-3, steps=200_000, log_every=1000, ckpt_every=5000,
+    "mnist": dict(ngf=64, batch_size=128, lr=1e-3, steps=200_000, eps=4e-5, log_every=1000, ckpt_every=5000, eval_samples=10000),
+    "cifar10": dict(ngf=128, hflip=True, batch_size=128, lr=1e-3, steps=200_000, eps=4e-5, log_every=1000, ckpt_every=5000,
                     eval_samples=10000, eval_n=10000),
-}
-V2 = {"cifar10": dict(sigma_1=50.0, L=232, eps=6.2e-6, T=5, denoise=True, ema=0.999, lr=1e-4, steps=300_000, dequantize=False)}
+}  # eps 4e-5 = the official code's 2e-5 (it steps alpha s + sqrt(2 alpha) z), 1.24e-5 = NCSNv2's 6.2e-6
+V2 = {"cifar10": dict(sigma_1=50.0, L=232, eps=1.24e-5, T=5, denoise=True, ema=0.999, lr=1e-4, steps=300_000, dequantize=False)}
 PRESETS_V2 = {k: {**v, **V2.get(k, dict(denoise=True, ema=0.999))} for k, v in PRESETS.items()}
 
 def resolve(cfg, kind=None):
@@ -120,7 +124,7 @@ def make_sigmas(cfg):  # sigma_1 > ... > sigma_L, geometric, in float64
 
 # ----------------------------------------------------------------------------- networks
 class CondNorm(nn.Module):
-    """Conditional instance normalisation++ (NCSN eq. in sec. 4.1): gamma[i] (x - mu) / s + beta[i] + alpha[i] (mu - m) / v,
+    """NCSN's conditional instance normalisation++: gamma[i] (x - mu) / s + beta[i] + alpha[i] (mu - m) / v,
     mu, s the per-channel spatial mean and std, m, v the mean and std of mu over channels; levels = 1: unconditional."""
     def __init__(self, c, levels):
         super().__init__()
@@ -162,7 +166,7 @@ class RCU(nn.Module):  # residual conv units: n blocks of (norm, ELU, conv) x 2 
         return x
 
 class RefineBlock(nn.Module):
-    """RefineNet block (Lin et al. 2017, NCSN sec. 4.1): RCUs per input, multi-resolution fusion (norm, conv, bilinear up to
+    """A RefineNet block (Lin et al. 2017) as NCSN's code: RCUs per input, multi-resolution fusion (norm, conv, bilinear up to
     the finest input, sum), chained residual pooling (ELU, then twice: x += conv(avgpool5(norm(path)))), output RCUs."""
     def __init__(self, c_ins, c, levels, end=False):
         super().__init__()
@@ -489,11 +493,14 @@ def train(cfg):
 
 
 # ----------------------------------------------------------------------------- main
+def presets_for(argv):  # --arch ncsnv2 on the command line: NCSNv2's presets
+    arch = [a.split("=", 1)[1] if "=" in a else argv[k + 1] if k + 1 < len(argv) else "" for k, a in enumerate(argv)
+            if a == "--arch" or a.startswith("--arch=")]
+    return PRESETS_V2 if arch and arch[-1] == "ncsnv2" else PRESETS
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    pre = [a.split("=", 1)[1] if "=" in a else argv[k + 1] if k + 1 < len(argv) else "" for k, a in enumerate(argv)
-           if a == "--arch" or a.startswith("--arch=")]
-    cfg = resolve(common.parse_config(Config, PRESETS_V2 if pre and pre[-1] == "ncsnv2" else PRESETS, METHOD, argv=argv))
+    cfg = resolve(common.parse_config(Config, presets_for(argv), METHOD, argv=argv))
     if not (cfg.eval or cfg.sample):
         return train(cfg)
     run = common.setup(cfg, METHOD, train=False)

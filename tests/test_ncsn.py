@@ -175,6 +175,17 @@ def test_mmd_is_zero_in_expectation_for_one_distribution_and_positive_between_tw
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_presets_are_the_papers_and_arch_ncsnv2_takes_ncsnv2s():
+    parse = lambda *argv: N.common.parse_config(N.Config, N.presets_for(list(argv)), "ncsn", argv=list(argv))
+    c = parse("--dataset", "cifar10")
+    assert (c.sigma_1, c.sigma_L, c.L, c.T, c.eps, c.ngf, c.lr, c.batch_size, c.ema, c.denoise, c.hflip) == \
+        (1.0, 0.01, 10, 100, 4e-5, 128, 1e-3, 128, 0.0, False, True)
+    c = parse("--dataset", "cifar10", "--arch", "ncsnv2")
+    assert (c.sigma_1, c.L, c.T, c.eps, c.lr, c.ema, c.denoise, c.dequantize, c.steps) == (50.0, 232, 5, 1.24e-5, 1e-4, 0.999, True, False, 300_000)
+    c = parse("--dataset", "moons", "--arch=ncsnv2", "--T", "3")
+    assert (c.sigma_1, c.T, c.denoise, c.hidden) == (5.0, 3, True, 128)
+
+
 def call_main(monkeypatch, *argv):
     monkeypatch.setattr("sys.argv", ["ncsn.py", *argv])
     return N.main()
