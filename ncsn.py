@@ -50,7 +50,12 @@ Run:
     python ncsn.py --dataset moons --objective ssm   # sliced score matching (esm: the exact trace)
     python ncsn.py --sample 64 --denoise             # samples.png and anneal.png (a column per noise level)
 
-Results: not yet measured (README has them once run).
+Results (2 CPU cores, one thread per job, two jobs at once; README has the tables and commands):
+    `python ncsn.py` (fashion-mnist, 1500 steps, 1.1 it/s, 36 min wall): held-out DSM sigma = 1 / 0.01: 10.8 / 236.4;
+    250 samples at 200 network evaluations each (1.9 s per image): FD 111.2 / 116.6 (sampling seeds 0 / 1) with eps 1e-4,
+    89.6 with eps 2e-4 (today's preset), IS-like 3.22 / 3.57; 250 training images: FD 21.3, IS-like 7.30.
+    `python ncsn.py --dataset 8gaussians`: MMD^2 0.0163 (test vs test 0.00006), score error 0.0104 (6.1% of a zero score's);
+    the other six toys: MMD^2 0.0049-0.0133. mnist / cifar10 presets: not yet measured.
 """
 import math
 import sys
