@@ -29,7 +29,7 @@ sigma_i^2 / sigma_L^2, i.e. Algorithm 1 with alpha twice as large. The image pre
 numbers: eps = 4e-5 at T = 100 (NCSN's code at 2e-5; the paper's text and the default --eps: 2e-5 with Algorithm 1),
 1.24e-5 at T = 5 for NCSNv2's cifar10 (its code and paper: 6.2e-6 in the 2 alpha form); `ncsnv2`
 reuses NCSN's network with its normalisation made unconditional; 2D data: an MLP (softplus) with a learned embedding of the
-level added before every hidden activation (NCSN's toy experiment used no network of this kind).
+level added before every hidden activation (ours).
 Metrics (no likelihood: test_nll is null): the held-out DSM loss per noise level (seeded noise), sampling cost (network
 evaluations per sample, images/s); images: FD (common.frechet_distance) and the IS-like exp E KL(p(y|x) || p(y)) of
 common.classify; 2D data: MMD^2 (unbiased; kernel sum_h exp(-||a - b||^2 / (2 h^2)), h in 0.05, 0.2, 0.5, 1) between
@@ -130,7 +130,7 @@ def make_sigmas(cfg):  # sigma_1 > ... > sigma_L, geometric, in float64
 
 # ----------------------------------------------------------------------------- networks
 class CondNorm(nn.Module):
-    """NCSN's conditional instance normalisation++: gamma[i] (x - mu) / s + beta[i] + alpha[i] (mu - m) / v,
+    """NCSN's conditional instance normalisation++: gamma[i] ((x - mu) / s + alpha[i] (mu - m) / v) + beta[i],
     mu, s the per-channel spatial mean and std, m, v the mean and std of mu over channels; levels = 1: unconditional."""
     def __init__(self, c, levels):
         super().__init__()
@@ -256,7 +256,7 @@ def dsm_loss(model, sigmas, x, i, z=None):
     return 0.5 * (sigma ** 2 * (s - dsm_target(x_tilde, x, sigma)) ** 2).flatten(1).sum(1)
 
 def trace_exact(s, x, create_graph=True):  # tr(grad_x s(x)) per example, one backward pass per dimension (2D data)
-    s, x = s.flatten(1), x
+    s = s.flatten(1)
     return sum(torch.autograd.grad(s[:, d].sum(), x, create_graph=create_graph)[0].flatten(1)[:, d] for d in range(s.shape[1]))
 
 def trace_sliced(s, x, v, create_graph=True):  # v^T (grad_x s(x)) v per example: E_v = tr(grad_x s) when E[v v^T] = I
