@@ -282,7 +282,7 @@ def test_cli_images_interpolation_and_bad_flags(tmp_path, fake_fashion, fd_cache
                       (["--t-eps", "0"], "std\\(0\\) = 0"),
                       (["--ch-mult", "1,x"], "accepted comma-separated positive integers"),
                       (["--ch-mult", "1,2,2,2"], "sides must divide by 8"),
-                      (["--interpolate", "2"], "--interpolate works with --sample"),
+                      (["--interpolate", "2"], "--interpolate works with --sample N on image data"),
                       (["--dataset", "moving-mnist"], "sde.py models images and 2D data")):
         with pytest.raises(SystemExit, match=msg):
             call_main(monkeypatch, *base, *argv)
