@@ -30,19 +30,19 @@ U-Net of BigGAN-type residual blocks (GroupNorm of min(C / 4, 32) groups, SiLU, 
 zero-initialised last convolutions, Xavier-uniform elsewhere), attention at 16 x 16; Adam (0.9, 0.999, eps 1e-8), warm-up 5000
 steps, gradient clipping 1, EMA 0.9999 (VP) / 0.999 (VE); samplers end at t = 1e-3 (VP, sub-VP) / 1e-5 (VE); the likelihood
 from t = 1e-5 at rtol = atol = 1e-5 on test data dequantized as (k + u) / 256, a Rademacher probe.
-Differences: no FIR resampling and no progressive input (NCSN++ has both, DDPM++ neither); PC sampling in the slides' order
-(predictor to t_i, then the corrector at t_i; official: corrector first) on the grid t_i = eps + i (1 - eps) / N (official: dt =
--1/N); VP's beta_i = 1 - m(t_i)^2 / m(t_{i-1})^2, so the chain's marginals are the SDE's at every t_i (official: linspace(beta_min
-/ N, beta_max / N), the same to first order); sub-VP's Langevin alpha_i is VP's; `--denoise`: no noise in the last predictor
-step (the official noise_removal) and no corrector after it; the ODE sampler does not denoise; the solver's error is normed per
-tensor of the state [x, log p] (the official scipy RK45: one norm over all).
+Differences: no FIR resampling, no progressive input (NCSN++ has both, DDPM++ neither); attention's q, k, v at Xavier scale 1
+(official 0.1); PC sampling in the slides' order (predictor to t_i, then the corrector at t_i; official: corrector first) on the
+grid t_i = eps + i (1 - eps) / N (official: dt = -1/N); VP's beta_i = 1 - m(t_i)^2 / m(t_{i-1})^2, so the chain's marginals are
+the SDE's at every t_i (official: linspace(beta_min / N, beta_max / N), the same to first order); sub-VP's Langevin alpha_i is
+VP's; `--denoise`: no noise in the last predictor step (the official noise_removal) and no corrector after it; the ODE sampler
+does not denoise; the solver's error is normed per tensor of the state [x, log p] (the official scipy RK45: one norm over all).
 Why the bpd cannot fall below 0: the ODE carries the prior to a density p_eps on R^D (at t = eps, not 0: the eps of the time
 integral, 1e-5), evaluated at y = (k + u) / 256, always dequantized; by Jensen E_u -log p_eps(y) + D log 256 >= -log P(k) >= 0
 for any density, up to the solver's error and the Hutchinson noise (unbiased, averaged over the test examples).
 Presets: `fashion-mnist` (CPU): a 4x narrower U-Net (32 channels, 1 block per resolution, 1.26M parameters), 2500 steps x 64,
-EMA 0.999, N = 100 Euler-Maruyama steps, the ODE at rtol = atol = 1e-4, the NLL on 100 test images; `toy` (2D): an MLP 3 x 256;
-`cifar10`: DDPM++ cont. (VP; `--sde subvp`: DDPM++ cont. sub-VP) or, with `--sde ve`, NCSN++ cont. (reverse diffusion +
-Langevin, snr 0.16); VE on fashion-mnist: sigma_max 28 = sqrt(784) (NCSNv2's technique 1; not measured).
+EMA 0.999, N = 100 Euler-Maruyama steps, the ODE at rtol = atol = 1e-4, the NLL on 100 test images; `toy` (2D): an MLP 3 x 256
+(VE: no corrector); `cifar10`: DDPM++ cont. (VP; `--sde subvp`: DDPM++ cont. sub-VP) or, with `--sde ve`, NCSN++ cont. (reverse
+diffusion + Langevin, snr 0.16); VE on fashion-mnist: sigma_max 28 = sqrt(784) (NCSNv2's technique 1; not measured).
 
 Run:
     python sde.py                                      # fashion-mnist, VP: training, then bpd (ODE), FD of PC samples
