@@ -100,7 +100,7 @@ class Config(common.TrainConfig):
     grid: int = 64  # samples in each samples_<step>.png (2D: points in its histogram)
 
 PRESETS = {
-    "fashion-mnist": dict(width=16, blocks=1, K=20, batch_size=32, lr=3e-4, reg=0.1, steps=3000, buffer_size=10000, log_every=100,
+    "fashion-mnist": dict(width=16, blocks=1, K=20, batch_size=32, lr=3e-4, reg=0.1, steps=1500, buffer_size=10000, log_every=100,
                           ckpt_every=500, eval_n=1000, eval_samples=500, eval_batch=250, eval_K=60),
     "toy": dict(sgld="slide", alpha=0.02, langevin_clip=0.0, spectral_norm=False, K=20, hidden=128, layers=3, batch_size=256, lr=1e-3, beta1=0.9,
                 adam_clip=0.0, reg=0.1, steps=10000, log_every=1000, ckpt_every=2500, eval_K=2000, eval_samples=5000,
@@ -324,7 +324,7 @@ def draw(model, n, shape, cfg, run, cond=None, terms_of=None, snapshots=()):
     """n fresh chains: eval_K SGLD steps from uniform noise, in batches of eval_batch. cond (n,): their conditions (default 0);
     terms_of(c) -> [(w, c_j)]: a composed energy. Returns samples (CPU), snapshots of the first batch, and the cost."""
     K, (step, noise) = cfg.eval_K or cfg.K, langevin_params(cfg)
-    cond = torch.zeros(n, dtype=torch.long) if cond is None else cond
+    cond, model = torch.zeros(n, dtype=torch.long) if cond is None else cond, model.eval()  # (eval: no power iterations)
     xs, snaps, t0 = [], {}, time.time()
     with parametrize.cached():  # spectral-normalised weights computed once per batch, not per step
         for start in range(0, n, cfg.eval_batch):
@@ -375,7 +375,8 @@ def save_pictures(model, shape, cfg, run, name, n, data_test=None, n_classes=0, 
         common.save_grid(histogram_image(x)[None], run.out / f"{name}.png")
         common.save_grid(torch.stack([histogram_image(snaps[k].cpu()) for k in ks]), run.out / f"sgld_steps{suffix}.png", nrow=len(ks))
         panels = [histogram_image(data_test)] if data_test is not None else []
-        common.save_grid(torch.stack(panels + [density_image(model, cfg, run), histogram_image(x)]), run.out / f"density{suffix}.png")
+        panels += [density_image(model, cfg, run), histogram_image(x)]
+        common.save_grid(torch.stack(panels), run.out / f"density{suffix}.png", nrow=len(panels))
     return x, cost
 
 @torch.no_grad()

@@ -153,6 +153,9 @@ def test_blocks_start_as_the_identity_spectral_norm_bounds_and_conditions_act(on
     net.eval()
     conv.weight
     assert torch.equal(u, conv.parametrizations.weight[0].u)  # no power iteration outside training
+    net.train()
+    E.draw(net, 2, (1, 12, 12), E.Config(K=3, eval_batch=2), RUN)  # nor inside the sampler, whatever mode the net was in
+    assert torch.equal(u, conv.parametrizations.weight[0].u)
     cap = net.blocks[1].conv2  # capped at 1: its ~1e-10 weights are not scaled up
     assert cap.weight.abs().max() < 1e-8
     x = torch.rand(3, 1, 12, 12)
