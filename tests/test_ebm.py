@@ -268,7 +268,7 @@ def test_cli_images_composition_and_bad_flags(tmp_path, fake_fashion, fd_cache, 
     assert "EnergyResNet" in text and "condition both (12)" in text and "grad clip 0.01" in text
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["unit"] == "bpd" and rec["test_nll"] is None and rec["kind"] is None and rec["fd"] > 0 and 1 <= rec["is_like"] <= 10
-    assert rec["buffer_samples"] == 16 and rec["fd_buffer"] > 0 and 0 <= rec["class-light_accuracy"] <= 1 and 0 <= rec["class+dark_light"] <= 1
+    assert rec["buffer_samples"] == 16 and rec["fd_buffer"] > 0 and 0 <= rec["compose_c-light_accuracy"] <= 1 and 0 <= rec["compose_c+dark_light"] <= 1
     assert rec["grad_evals"] == 2 and "energy_gap" in rec and 0 <= rec["class_accuracy"] <= 1
     assert all((out / f).is_file() for f in ("samples_2.png", "sgld_steps_2.png", "compose_2.png", "buffer_2.png"))
     base = ["--data-dir", fake_fashion, "--out", str(tmp_path / "bad"), "--steps", "1"]
