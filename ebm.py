@@ -40,7 +40,9 @@ code adds the noise first; no dropout (the code's ResNet32Large has a dropout fl
 commands pass --zero_kl); the conditional model keeps ResNet32Large's shape and its final ReLU (the code's conditional
 command uses ResNet32, with a leaky ReLU there); buffer chains keep their condition (the code restarts them under the
 current batch's labels); one network with two attribute sets for the composition (the paper composes separately trained
-conditional models); the power iteration runs on training forwards only (the code's runs in every SGLD step too);
+conditional models); the power iteration runs on training forwards only (the code's runs in every SGLD step too); weights
+start at PyTorch's default initialisation (the code: N(0, 1) under spectral normalization, where only the direction matters,
+Xavier without it and for the output layer);
 `--steps` (the code runs until stopped).
 2D data: an MLP (SiLU) energy without spectral normalization, the slide's SGLD (alpha 0.02) reflected at the walls of the
 box [-5, 5]^2 (no test point of common's seven sets lies outside), reg 0.1, Adam (0.9, 0.999) at lr 1e-3, no Adam clipping
@@ -69,7 +71,7 @@ Results (2 CPU cores; README has the tables and the commands):
     `python ebm.py --dataset D` (10000 steps x 256, 5-6 min on one thread): exact test NLL in nats 8gaussians 2.923 (seed 1:
     2.897), checkerboard 3.616, moons 2.439, circles 3.309, pinwheel 2.380, swissroll 2.714, 2spirals 2.764.
     `--condition both --steps 3000`: E(x | c) + E(x | light) gives 100% light samples, + E(x | dark) 77% (E(x | c) alone:
-    90%); the class is near chance (13% of the buffer's class chains). The cifar10 preset: not yet measured.
+    90%); the class is near chance (13% of the buffer's class chains). The mnist and cifar10 presets: not yet measured.
 """
 import math
 import sys
