@@ -30,7 +30,7 @@ epochs 160 and 180 of 200); batch 64; cifar10: pad-4 reflect random crops and ho
 serves both terms (the code draws the p(x) batch and the p(y | x) batch from two loaders; with every label known the gradient
 has the same expectation, one forward pass fewer); no 5000-image validation split (the test set is reported); --steps instead of
 epochs; pxy classifies by softmax(f(x)), Bayes' rule with equal Z(y), as the code's eval does. Fashion-MNIST: no augmentation
-(the code has no preset for it); a WRN-10-2 (0.3M parameters) for 2 CPU cores (the paper: WRN-28-10, 36.5M).
+(the code has no preset for it); a WRN-10-1 (0.077M parameters) at batch 32 for 2 CPU cores (the paper: WRN-28-10, 36.5M, batch 64).
 
 Metrics (no tractable Z: test_nll is null, as DESIGN.md says for EBMs; the paper reports these): test accuracy and the
 cross-entropy of the labels; expected calibration error over ece_bins equal-width confidence bins (the count is ours: 20) and a
@@ -74,6 +74,7 @@ class Config(common.TrainConfig):
     K: int = 20  # SGLD steps per training iteration
     step_size: float = 1.0  # SGLD step lambda on -grad_x E (official sgld_lr)
     noise: float = 0.01  # SGLD noise std per step (official sgld_std)
+    clamp: bool = False  # clamp the chains to [-1, 1] after every SGLD step (the official code does not; see the docstring)
     buffer_size: int = 10000  # replay buffer chains
     reinit: float = 0.05  # fraction of chains restarted from uniform noise
     warmup: int = 1000  # steps of linear learning-rate warm-up from 0 (0 = none)
@@ -88,7 +89,7 @@ class Config(common.TrainConfig):
     grid: int = 100  # samples in each samples_<step>.png (a row per class)
 
 PRESETS = {
-    "fashion-mnist": dict(depth=10, widen=1, batch_size=32, lr=1e-4, steps=3000, warmup=200, log_every=100, ckpt_every=500,
+    "fashion-mnist": dict(depth=10, widen=1, batch_size=32, lr=1e-4, steps=3000, warmup=200, clamp=True, log_every=100, ckpt_every=500,
                           eval_samples=500, ood_n=1000, eval_K=20),
     "cifar10": dict(depth=28, widen=10, batch_size=64, lr=1e-4, steps=140_000, warmup=1000, augment=True, log_every=100,
                     ckpt_every=5000, eval_samples=10000, ood_n=10000),
@@ -193,15 +194,17 @@ def energy_fn(model, y, run):
         return -(log_p_x_unnormalized(logits) if y is None else log_p_xy_unnormalized(logits, y))
     return energy
 
-def sgld(energy, x, K, step_size, noise):
+def sgld(energy, x, K, step_size, noise, clamp=False):
     """SGLD as the official sample_q: K steps x^{k+1} = x^k - step_size grad_x E(x^k) + noise z, z ~ N(0, I) (the slide's form has
-    step alpha/2 and noise sqrt(alpha); the code decouples them: a temperature noise^2 / (2 step_size) = 5e-5). No clamping."""
+    step alpha/2 and noise sqrt(alpha); the code decouples them: a temperature noise^2 / (2 step_size) = 5e-5); with clamp, each
+    x^{k+1} is clamped to the data's box [-1, 1] (the official code leaves the chains free)."""
     x = x.detach()
     for _ in range(K):
         with torch.enable_grad():
             x.requires_grad_(True)
             g = torch.autograd.grad(energy(x).sum(), x)[0]
         x = x.detach() - step_size * g + noise * torch.randn_like(x)
+        x = x.clamp(-1, 1) if clamp else x
     return x
 
 def uniform_noise(n, shape, device):  # the chains' start: U[-1, 1]^D
@@ -239,7 +242,7 @@ def sample_conditional(model, y, shape, cfg, run, buffer=None, K=None):
             x0 = buffer.chains(len(yb), yb if buffer.per < len(buffer.x) else None)[0]
         else:
             x0 = uniform_noise(len(yb), shape, run.device)
-        xs.append(sgld(energy_fn(model, yb, run), x0, K, cfg.step_size, cfg.noise).cpu())
+        xs.append(sgld(energy_fn(model, yb, run), x0, K, cfg.step_size, cfg.noise, cfg.clamp).cpu())
     dt = time.time() - t0
     return torch.cat(xs), {"sgld_steps": K, "s_per_sample": dt / max(len(y), 1), "samples_per_s": len(y) / max(dt, 1e-9),
                            "sample_init": cfg.eval_init if buffer is not None else "noise"}
@@ -370,7 +373,8 @@ def evaluate(model, data, cfg, run, step, buffer, n_classes, tag=""):
         extras.update(fd=common.frechet_distance(images, data, cfg, run), fd_kind=common.fd_label(cfg), is_like=inception_like_score(c_logits),
                       sample_class_accuracy=(c_logits.argmax(1) == y).double().mean().item(), samples=len(y),
                       energy_gap=(-log_p_x_unnormalized(logits)).mean().item() - e_samples.mean().item(), **cost)
-        extras["sampler"] = f"SGLD on -f(x)[y]: step {cfg.step_size:g}, noise {cfg.noise:g}, {cost['sgld_steps']} steps from {cost['sample_init']}"
+        extras["sampler"] = (f"SGLD on -f(x)[y]: step {cfg.step_size:g}, noise {cfg.noise:g}, {cost['sgld_steps']} steps from {cost['sample_init']}"
+                             + (", clamped to [-1, 1]" if cfg.clamp else ""))
     return common.eval_record(step, None, "bpd", None, len(test), **extras)
 
 def inception_like_score(logits):
@@ -414,10 +418,12 @@ def train(cfg):
     step = common.resume(cfg, run, METHOD, model, optimizer=opt, batches=batches, update=update, buffer=buffer)
     net, log = common.wrap(model, run, cfg), common.Logger(cfg, run, step, update)
     sampler = torch.compile(model) if cfg.compile else model
+    blown = torch.zeros((), dtype=torch.bool, device=run.device)  # |loss| > 1e8 at some step (the official code's divergence stop)
     run.print(f"WideResNet-{cfg.depth}-{cfg.widen} {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters | objective "
               f"{cfg.objective} | " + ("no sampling" if cfg.objective == "classifier" else
               f"SGLD x - {cfg.step_size:g} grad E + {cfg.noise:g} z, K {cfg.K}, buffer {cfg.buffer_size}"
-              + (f" ({n_classes} class blocks)" if cfg.objective == "pxy" else "") + f", reinit {cfg.reinit:g}") + f" | data noise {cfg.sigma:g}")
+              + (f" ({n_classes} class blocks)" if cfg.objective == "pxy" else "") + f", reinit {cfg.reinit:g}"
+              + (", chains clamped to [-1, 1]" if cfg.clamp else "")) + f" | data noise {cfg.sigma:g}")
 
     def checkpoint():
         common.save_checkpoint(cfg, run, METHOD, step, model=model, optimizer=opt, batches=batches, update=update, buffer=buffer,
@@ -434,24 +440,26 @@ def train(cfg):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             x, y = next(batches)
-            x = encode(random_crop(x) if cfg.augment else x, cfg)
+            x, x_q = encode(random_crop(x) if cfg.augment else x, cfg), None
             if cfg.objective != "classifier":  # x_q ~ p(x) (jem) or p(x | y) (pxy): SGLD from the replay buffer
                 y_q = y if cfg.objective == "pxy" else None
                 x0, idx = buffer.chains(len(x), y_q, cfg.reinit)
                 model.eval()
-                x_q = sgld(energy_fn(sampler, y_q, run), x0, cfg.K, cfg.step_size, cfg.noise)
-                model.train()
+                x_q = sgld(energy_fn(sampler, y_q, run), x0, cfg.K, cfg.step_size, cfg.noise, cfg.clamp)
                 buffer.update(idx, x_q)
-                with run.autocast():
-                    logits, logits_q = net(torch.cat([x, x_q])).float().chunk(2)  # (B, n_classes) each
-            else:
-                with run.autocast():
-                    logits, logits_q = net(x).float(), None
+            model.train()  # (after the sampler, and after an evaluation)
+            with run.autocast():
+                logits = net(x if x_q is None else torch.cat([x, x_q])).float()  # (B or 2B, n_classes): data, then samples
+            logits, logits_q = (logits, None) if x_q is None else logits.chunk(2)
             loss, terms = jem_loss(cfg.objective, logits, y, logits_q)
             opt.zero_grad(set_to_none=True)
             update(loss)
             step += 1
             log(step, terms)
+            blown |= loss.detach().abs() > 1e8
+            if common.every(step, cfg.log_every) and blown.item():  # (one host read per log line)
+                common.fail(f"step {step}: |loss| passed 1e8, the EBM diverged (the official code's stop); {cfg.ckpt} keeps the last "
+                            "checkpoint; try --clamp, a smaller --lr or --step-size, or a larger --sigma")
             if run.main and step < cfg.steps:
                 pictures_and_eval(common.every(step, cfg.sample_every), common.every(step, cfg.eval_every))
             if common.every(step, cfg.ckpt_every):

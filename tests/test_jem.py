@@ -71,6 +71,10 @@ def test_sgld_samples_the_class_conditional_and_the_marginal_of_a_known_joint_en
     var = 1 + w @ (model.mu - mean) ** 2  # the mixture's per-coordinate variance
     assert (x.mean(0) - mean).abs().max() < 4 * (var / n).sqrt().max(), (x.mean(0), mean)
     assert torch.allclose(x.var(0), var, rtol=0.1), (x.var(0), var)
+    steep = lambda x: 10 * model(x)  # the official step 1 overshoots by 10x: the free chain leaves [-1, 1] at once
+    assert J.sgld(J.energy_fn(steep, None, RUN), torch.rand(500, 2) * 2 - 1, 5, 1.0, 0.01).abs().max() > 10
+    x = J.sgld(J.energy_fn(steep, None, RUN), torch.rand(500, 2) * 2 - 1, 5, 1.0, 0.01, clamp=True)
+    assert x.abs().max() <= 1 and (x.abs() == 1).any()  # clamped to the data's box [-1, 1]
     x0 = torch.randn(64, 2) * 3
     e = J.energy_fn(model, None, RUN)
     xs = [x0] + [J.sgld(e, x0, k, 0.01, 0.0) for k in (1, 2, 5, 20)]  # zero noise: descent on E
@@ -249,6 +253,11 @@ def test_cli_train_resume_sample_eval_and_bad_flags(tmp_path, fake_fashion, fd_c
     call_main(monkeypatch, "--eval", "--ckpt", str(out / "ckpt.pt"), "--eval-samples", "0", "--ood-n", "0")
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 6 and "fd" not in rec and "ood_n" not in rec and (out / "reliability.png").is_file()
+    real_loss = J.jem_loss
+    monkeypatch.setattr(J, "jem_loss", lambda *a: (lambda loss, terms: (loss * 1e12 + 1e9, terms))(*real_loss(*a)))  # a diverging EBM
+    with pytest.raises(SystemExit, match="step 2: \\|loss\\| passed 1e8, the EBM diverged"):
+        call_main(monkeypatch, *flags[:-4], "--steps", "3", "--log-every", "2", "--out", str(tmp_path / "blown"))
+    monkeypatch.setattr(J, "jem_loss", real_loss)
     base = ["--data-dir", fake_fashion, "--out", str(tmp_path / "bad"), "--steps", "1"]
     for argv, msg in ((["--depth", "12"], "--depth 12: a Wide-ResNet has depth 6n \\+ 4"),
                       (["--objective", "gan"], "--objective 'gan' unknown; accepted: jem, classifier, pxy"),
