@@ -268,3 +268,22 @@ def test_cli_train_resume_sample_eval_and_bad_flags(tmp_path, fake_fashion, fd_c
                       (["--dataset", "moons"], "jem.py models labelled images")):
         with pytest.raises(SystemExit, match=msg):
             call_main(monkeypatch, *base, *argv)
+
+
+def test_cli_cifar10_preset_colour_path_with_augmentation(tmp_path, fd_cache, monkeypatch, capsys):
+    """The cifar10 preset (crops, flips, 3 channels) on a synthetic archive in the official layout, its network made tiny."""
+    import pickle
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), b"labels": list(range(10))}))
+    out = tmp_path / "run"
+    call_main(monkeypatch, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--cache-dir", fd_cache, "--out", str(out), "--steps", "2",
+              "--depth", "10", "--widen", "1", "--batch-size", "8", "--K", "2", "--buffer-size", "16", "--eval-samples", "10", "--ood-n", "10",
+              "--grid", "10", "--log-every", "1")
+    text = capsys.readouterr().out
+    assert "step 2/2" in text and "data noise 0.03" in text and "clamped" not in text  # the official free chains
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["n_test"] == 10 and "ood_vflip_log_px" in rec and "ood_mnist_log_px" not in rec and rec["sgld_steps"] == 2  # eval_K 0: K
+    assert J.common.load_checkpoint(str(out / "ckpt.pt"), ("jem",))["config"]["augment"] is True
