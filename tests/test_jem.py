@@ -114,6 +114,12 @@ def test_expected_calibration_error_of_calibrated_and_miscalibrated_predictors()
     assert J.expected_calibration_error(conf[:100], correct[:100], 1)[0] == pytest.approx(0.3, abs=1e-12)
     img = J.reliability_diagram(count, acc, mean_conf)
     assert img.shape == (3, 200, 200) and img.min() >= 0 and img.max() <= 1
+    _, (count, acc, mean_conf) = J.expected_calibration_error(conf, correct, bins)  # confidence 0.9 in bin 17 (columns 171-178)
+    img = J.reliability_diagram(count, acc, mean_conf)  # row r shows height 1 - r / 200
+    assert torch.equal(img[:, 50, 175], torch.tensor([0.9, 0.3, 0.3]))  # red between accuracy 0.6 and confidence 0.9 (over-confident)
+    assert torch.equal(img[:, 140, 175], torch.tensor([0.2, 0.4, 0.9])) and img[:, 10, 175].eq(1).all()  # blue below 0.6, white above 0.9
+    img = J.reliability_diagram(count, torch.full_like(acc, 0.95), mean_conf)  # accuracy 0.95 above confidence 0.9: under-confident
+    assert torch.equal(img[:, 15, 175], torch.tensor([0.2, 0.7, 0.3])) and torch.equal(img[:, 30, 175], torch.tensor([0.2, 0.4, 0.9]))
 
 
 def test_auroc_is_one_half_for_identical_scores_one_for_separated_and_the_pairwise_probability():
