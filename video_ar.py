@@ -196,7 +196,6 @@ class Layer(nn.Module):
         self.block_of, self.rank = (order // members.shape[1]).tolist(), (order % members.shape[1]).tolist()  # per position
 
     def attn(self, h):
-        B, D = h.shape[0], h.shape[-1]
         q, k, v = to_blocks(self.qkv(h), self.block).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B n_p, nh, L, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B n_p, nh, L, hs): n_p (t h w)^2 scores per head
         return self.proj(from_blocks(y.transpose(1, 2).flatten(2), self.block, self.grid))  # (B, T, H, W, D)
@@ -319,8 +318,8 @@ class VideoTransformer(nn.Module):
 
     def logits(self, h, xs):
         """Channel c of each pixel from the decoder's output h (..., D) and the channels before it: (..., C, V)."""
-        prev = embed_each(xs, self.chan_emb)  # (..., C, D)
-        return self.head(h[..., None, :] + prev.cumsum(-2) - prev + self.chan_id)
+        prev = F.pad(embed_each(xs, self.chan_emb)[..., :-1, :].cumsum(-2), (0, 0, 1, 0))  # (..., C, D): sum over c' < c
+        return self.head(h[..., None, :] + prev + self.chan_id)
 
     def forward(self, x, k):
         """x: videos (B, T, H, W, C) long (or one-hot floats (..., C, V)), k: slice index (B,) -> logits of slice k
@@ -548,7 +547,7 @@ def sample_transformer(model, n, device, given=None, cache=True, generator=None,
     fixed = torch.zeros(T, H, W, dtype=torch.bool, device=device)
     if given is not None:
         x[:, :given.shape[1]], fixed[:given.shape[1]] = given, True
-    fixed = subscale_split(fixed[None], s)[0].flatten(1, 3)  # (S, n_pos)
+    fixed = subscale_split(fixed[None], s)[0].flatten(1, 3).tolist()  # (S, n_pos): kept, not drawn (a list: no syncs)
     for k in range(model.S):
         kk = torch.full((n,), k, device=device)
         slices = subscale_split(x, s)  # (n, S, T', H', W', C)
@@ -562,14 +561,13 @@ def sample_transformer(model, n, device, given=None, cache=True, generator=None,
                 for layer, c in zip(model.dec, kv):
                     h = layer.step(h, i, c)
                 h = model.dec_ln(h)
-            for c in range(C):
+            for c in range(C if not fixed[k][i] else 0):
                 if cache:
                     logits = model.logits(h, xs[:, i])[:, c].float()
                 else:
                     slices[:, k] = xs.view(slices[:, k].shape)
                     logits = model(subscale_merge(slices, s), kk).flatten(1, 3)[:, i, c].float()
-                draw = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-                xs[:, i, c] = xs[:, i, c] if fixed[k, i] else draw
+                xs[:, i, c] = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
         slices[:, k] = xs.view(slices[:, k].shape)
         x = subscale_merge(slices, s)
     return x
