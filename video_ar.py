@@ -20,7 +20,9 @@ blocks of t x h x w positions and attention runs inside each block only, so a la
 
     n_p (t h w)^2 pairs instead of (T' H' W')^2                               (slide "Idea 1")
 
-and the block shape changes from layer to layer (--blocks, cycled) so that information crosses blocks. In the
+and the block shape changes from layer to layer (--blocks, cycled) so that information crosses blocks. A position is a
+pixel (its C channels come from the output head), so the slide's example slice, 4 x 16 x 16 x 3 = 3072 sub-pixels,
+is 1024 positions here. In the
 decoder the attention is causal within a block; since a block is a box, raster order restricted to a block is the
 block's own raster order, so every position sees only earlier positions of the slice. Training draws one slice per
 video, S (-log p(x_k | x_<k)) with k uniform: an unbiased estimate of -log p(x); evaluate sums all S slices.

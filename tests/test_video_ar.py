@@ -103,8 +103,12 @@ def test_attention_cost_is_n_p_times_block_squared(monkeypatch):
         n_p, L = math.prod(grid) // math.prod(block), math.prod(block)
         assert entries == [n_p * L ** 2], block
     assert entries == [256 ** 2]  # one block = full attention: (T' H' W')^2
-    # the slide's example: 16 x 32 x 32 video, s = (4, 2, 2): one slice is 4 x 16 x 16 = 1024 positions (x 3 channels)
-    assert math.prod((16, 32, 32)) // 16 == 1024
+    # the slide's example: a 16 x 32 x 32 x 3 video (49152 sub-pixels), s = (4, 2, 2): 16 slices of 4 x 16 x 16 x 3 = 3072
+    model = va.VideoTransformer(va.Config(subscale="4,2,2", blocks="4x16x16", width=8, heads=1, enc_layers=0, dec_layers=1), (16, 3, 32, 32))
+    assert model.S == 16 and model.grid == (4, 16, 16) and model.n * model.C == 3072 and va.modelled_dims(model) == 49152
+    entries.clear()
+    model(torch.zeros(1, 16, 32, 32, 3, dtype=torch.long), torch.tensor([3]))
+    assert entries == [1024 ** 2]  # per head, one block = the slice: 1024^2 position pairs (the slide counts 3072^2 sub-pixel pairs)
 
 
 def test_uniform_logits_give_exactly_8_bits_per_dim():
