@@ -82,6 +82,8 @@ Result (moving-fashion preset: 8 frames of 16 x 16, test NLL on the first 200 te
     python video_ar.py                     3000 steps x 16, 5.2-5.4 it/s, 9 min 36 s wall (0.41M parameters)
         test NLL 1.777 bits/dim (exact; seed 1: 1.783); by slice 2.06 (the first) ... 1.66 (the last)
         sampling 0.317 s/video (batch 8, key/value cache); batch 2: 0.78 s cached, 8.46 s uncached
+    python video_ar.py --cond-frames 2 --out runs/video_ar/moving-fashion-cond2     (9 min 27 s)
+        test NLL 1.753 bits/dim of the last 6 frames given the first 2 (exact, conditional)
     python video_ar.py --model videogpt    3000 + 3000 steps x 16, 9.2-9.8 / 17.5-18.8 it/s, 8 min 0 s wall
         test NLL <= 1.843 bits/dim (bound: -log p(x|z) 1.684 + prior 0.159; uniform prior 1.934), MSE 0.0033,
         perplexity 202.0 of 256; seed 1: <= 1.879 (1.716 + 0.163); sampling 0.010 s/video (64 cached prior steps +
@@ -613,11 +615,18 @@ def generate(model, prior, n, device, given=None, temperature=1.0):
     return model.decode_codes(z).transpose(1, 2)
 
 
+def first_frames(model, x, n):
+    """A model trained with --cond-frames F samples only given its first F frames: those of test videos x (cycled)."""
+    f = getattr(model, "cond_frames", 0)
+    return x[torch.arange(n, device=x.device) % len(x), :f] if f else None
+
+
 def save_videos(model, prior, x, cfg, out, step):
-    """samples_<step>.png (one video per row, frames along it), .gif, and continuations_<step>.png (per test video:
-    the original, then 2 continuations of its first max(1, cond_frames) frames)."""
+    """samples_<step>.png (one video per row, frames along it; given the first frames of test videos if the model
+    was trained with --cond-frames), .gif, and continuations_<step>.png (per test video: the original, then 2
+    continuations of its first max(1, cond_frames) frames)."""
     model.eval(), prior.eval() if prior is not None else None
-    videos = generate(model, prior, cfg.n_samples, x.device, temperature=cfg.temperature)  # (n, T, C, H, W)
+    videos = generate(model, prior, cfg.n_samples, x.device, first_frames(model, x, cfg.n_samples), cfg.temperature)  # (n, T, C, H, W)
     common.save_grid(videos.flatten(0, 1), out / f"samples_{step}.png", nrow=videos.shape[1])
     save_gif(videos, out / f"samples_{step}.gif")
     f, given = max(1, cfg.cond_frames), x[:4]
@@ -810,13 +819,15 @@ def main(argv=None):
     if cfg.sample:
         if cfg.model == "videogpt" and prior is None:
             common.fail(f"--sample needs the trained prior {prior_path(cfg)} (run --stage prior)")
+        given = first_frames(model, to_video(next(common.test_batches(prepare(cfg), cfg, run.device, cfg.sample)), 1), cfg.sample) \
+            if getattr(model, "cond_frames", 0) else None  # (the test videos' first frames)
         t = time.time()
         with run.autocast():
-            videos = generate(model, prior, cfg.sample, run.device, temperature=cfg.temperature).float().cpu()
+            videos = generate(model, prior, cfg.sample, run.device, given, cfg.temperature).float().cpu()
         dt = time.time() - t
         common.save_grid(videos.flatten(0, 1), run.out / "sample.png", nrow=videos.shape[1])
         save_gif(videos, run.out / "sample.gif")
-        passes = (f"{model.S} encoder passes + {model.S * model.n} cached decoder steps + {model.S * model.n * model.C} heads" if prior is None
+        passes = (f"{model.S} encoder passes + {model.S * model.n} cached decoder steps + {modelled_dims(model)} heads" if prior is None
                   else f"{math.prod(model.code_grid)} cached prior steps + 1 decoder pass")
         print(f"{cfg.sample} videos in {dt:.3f}s ({dt / cfg.sample:.3f} s/video; {passes} per batch) -> {run.out / 'sample.png'}")
     if cfg.eval:
