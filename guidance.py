@@ -12,32 +12,31 @@ eps_theta(z, c = null). A classifier p_phi(y | x_t, t) is trained on noisy image
     classifier guidance, DDIM (ADM Algorithm 2):  eps_hat = eps_theta(x_t) - sqrt(1 - alpha_bar_t) s g, then
         x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_hat + sigma_t z, sigma_t = eta sqrt(beta_tilde_t)
     classifier-free guidance:  eps_tilde = (1 + w) eps_theta(z, c) - w eps_theta(z)   (both terms in one batched pass)
-eps_theta(x_t) is the unconditional branch (`--base uncond`) or the conditional one (`--base cond`, ADM's guided
-conditional models). With exact models s = 1 samples p(x | y) (Bayes: grad log p(x|y) = grad log p(x) + grad log p(y|x));
-s > 1 sharpens it: fidelity up, diversity down.
-GLIDE at toy scale (`--cond text`): a caption from each label ("a photo of a sneaker", 4 templates), a fixed word
-vocabulary (0: padding), a small transformer (token + position embeddings, a learned padding embedding, pre-LN blocks,
-final LayerNorm); the final token's embedding, projected, is added to the time embedding in place of a class embedding,
-the token embeddings are projected to every attention layer's keys and values and concatenated to its context; the
-null caption is the empty one, as GLIDE's.
+eps_theta(x_t) is the unconditional branch (`--base uncond`) or the conditional one (`--base cond`, ADM's guided conditional models).
+With exact models s = 1 samples p(x | y) (Bayes: grad log p(x|y) = grad log p(x) + grad log p(y|x)); s > 1 sharpens it: fidelity up,
+diversity down.
+GLIDE at toy scale (`--cond text`): a caption from each label ("a photo of a sneaker", 4 templates), a fixed word vocabulary (0:
+padding), a small transformer (token + position embeddings, a learned padding embedding, pre-LN blocks, final LayerNorm); the final
+token's embedding, projected, is added to the time embedding in place of a class embedding, the token embeddings are projected to every
+attention layer's keys and values and concatenated to its context; the null caption is the empty one, as GLIDE's.
 
-As the official code (openai/guided-diffusion, openai/glide-text2im): g at the current x_t (the slide expands around
-mu); the classifier gets the network timestep of a respaced step; the clipped x0_hat is turned back into eps before the
-guidance (ADM's condition_score), not clipped again; the classifier is the U-Net's down path and middle with its own
-time embedding, then GroupNorm, SiLU, average pooling (ADM's "adaptive" pool; its default: attention pooling) and a
-zero-initialised linear layer, trained on x_t, t ~ U{1..T}, by AdamW (lr 3e-4, weight decay 0.05, annealed to 0).
-Differences from ADM: DDPM's U-Net (additive time embedding, not AdaGN; conv up/down), fixed sigma_t^2 = beta_t with
-L_simple (ADM: learned Sigma, L_hybrid), GroupNorm groups halved below 4 channels per group (ADM: 32), the null label
-as one more row of the label embedding; the sweep uses 25 DDIM steps ("ADM-G (25 steps)"; ADM's sweep: 250 DDPM steps).
-Metrics (no likelihood: guidance changes the sampler, not the model; ddpm.py has the bound): held-out L_simple of both
-branches at the same x_t and the noisy classifier's accuracy, by t quartile; the sweep (`--eval`; after `--stage all`):
-per kind and scale, `--sweep-n` samples per class scored by common.classify (an independent classifier): FD, IS-like
-exp E KL(p(y|x) || p(y)), accuracy on the intended class, precision / recall (Kynkaanniemi et al. 2019, k = 3, in the
-same features; ADM: VGG-16's), diversity = mean pairwise feature distance within a class.
-Presets: `fashion-mnist` (CPU) a 4x narrower U-Net than DDPM's CIFAR-10 model (32 channels, 1,2,2, attention at 7, 1 res
-block) and a classifier of its shape (lr 1e-3 for its 1500 steps); `cifar10` (GPU) DDPM's CIFAR-10 U-Net + label embedding,
-p_uncond 0.1, ADM's classifier recipe at width 128 (no guidance paper trained CIFAR-10). ImageNet 64x64: ADM used 192
-channels, 1,2,3,4, 3 res blocks, attention at 32,16,8, dropout 0.1, cosine schedule, learned sigmas, classifier scale 1.
+As the official code (openai/guided-diffusion, openai/glide-text2im): g at the current x_t (the slide expands around mu); the
+classifier gets the network timestep of a respaced step; the clipped x0_hat is turned back into eps before the guidance (ADM's
+condition_score), not clipped again; the classifier is the U-Net's down path and middle with its own time embedding, then GroupNorm,
+SiLU, average pooling (ADM's "adaptive" pool; its default: attention pooling) and a zero-initialised linear layer, trained on x_t, t ~
+U{1..T}, by AdamW (lr 3e-4, weight decay 0.05, annealed to 0).
+Differences from ADM: DDPM's U-Net (additive time embedding, not AdaGN; conv up/down), fixed sigma_t^2 = beta_t with L_simple (ADM:
+learned Sigma, L_hybrid), GroupNorm groups halved below 4 channels per group (ADM: 32), the null label as one more row of the label
+embedding; the sweep uses 25 DDIM steps ("ADM-G (25 steps)"; ADM's sweep: 250 DDPM steps).
+Metrics (no likelihood: guidance changes the sampler, not the model; ddpm.py has the bound): held-out L_simple of both branches at the
+same x_t and the noisy classifier's accuracy, by t quartile; the sweep (`--eval`; after `--stage all`): per kind and scale, `--sweep-n`
+samples per class scored by common.classify (an independent classifier): FD, IS-like exp E KL(p(y|x) || p(y)), accuracy on the intended
+class, precision / recall (Kynkaanniemi et al. 2019, k = 3, in the same features; ADM: VGG-16's), diversity = mean pairwise feature
+distance within a class.
+Presets: `fashion-mnist` (CPU) a 4x narrower U-Net than DDPM's CIFAR-10 model (32 channels, 1,2,2, attention at 7, 1 res block) and a
+classifier of its shape (lr 1e-3 for its 1500 steps); `cifar10` (GPU) DDPM's CIFAR-10 U-Net + label embedding, p_uncond 0.1, ADM's
+classifier recipe at width 128 (no guidance paper trained CIFAR-10). ImageNet 64x64: ADM used 192 channels, 1,2,3,4, 3 res blocks,
+attention at 32,16,8, dropout 0.1, cosine schedule, learned sigmas, classifier scale 1.
 
 Run:
     python guidance.py                                  # fashion-mnist: diffusion model, classifier, then the sweep
@@ -52,20 +51,14 @@ Results (fashion-mnist, 2 CPU cores; README has the sweep tables):
     0.990, recall 0.845 / 0.700 / 0.390; classifier s = 1 / 2 / 4: FD 34.55 / 30.52 / 32.76, accuracy 0.850 / 0.855 / 0.900.
     cifar10 preset: not yet measured.
 """
-import math
-import os
-import sys
-import time
+import math, os, sys, time
 from dataclasses import dataclass, replace
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 
 import common
 
 METHOD, CLASSIFIER = "guidance", "guidance-classifier"
-
 
 # ----------------------------------------------------------------------------- config
 @dataclass
@@ -120,8 +113,7 @@ PRESETS = {
                     log_every=1000, ckpt_every=10000, eval_n=10000, sweep_n=1000, eval_batch=500),
     "fashion-mnist": dict(channels=32, ch_mult="1,2,2", res_blocks=1, attn_res="7", dropout=0.1, lr=5e-4, batch_size=64,
                           warmup=200, ema=0.999, hflip=False, steps=3000, cls_steps=1500, cls_lr=1e-3, cls_channels=32,
-                          cls_res_blocks=1, log_every=100, ckpt_every=500, eval_n=1000, sweep_n=20, eval_batch=250),
-}
+                          cls_res_blocks=1, log_every=100, ckpt_every=500, eval_n=1000, sweep_n=20, eval_batch=250)}
 KINDS = ("free", "classifier", "classifier-uncond")
 
 def ints(s, kind=int):  # "1,2,2" -> [1, 2, 2]
@@ -153,7 +145,6 @@ def resolve(cfg):
         common.fail("--prompt needs a text-conditional model (--cond text)")
     return cfg
 
-
 # ----------------------------------------------------------------------------- captions (GLIDE at toy scale)
 NAMES = {"fashion-mnist": ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"),
          "mnist": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
@@ -166,12 +157,10 @@ def caption(name, template=0):  # "a photo of a sneaker", "an image of an ankle 
 class Captions:
     """A fixed word vocabulary (index 0: padding, then the words of every template and class name, sorted) and the
     tokenized captions of every class and template, `table` (K, templates, ctx). The empty caption is the null condition."""
-
     def __init__(self, names, ctx):
         words = sorted({w for n in names for j in range(len(TEMPLATES)) for w in caption(n, j).split()})
         self.vocab, self.ctx = {"<pad>": 0, **{w: i + 1 for i, w in enumerate(words)}}, ctx
         self.table = torch.stack([torch.stack([self.encode(caption(n, j)) for j in range(len(TEMPLATES))]) for n in names])
-
     def encode(self, text):
         words = text.lower().split()
         if unknown := [w for w in words if w not in self.vocab or w == "<pad>"]:
@@ -185,24 +174,19 @@ class Conditions:
     """What the diffusion model is conditioned on: the label (null: the extra label n_classes), or a caption made from it
     (null: the empty caption, all padding). of(labels) -> the condition of each label, its first template's caption or
     (templates (B,)) the given ones."""
-
     def __init__(self, cfg, data_name, n_classes, device):
         self.n_classes, self.text = n_classes, cfg.cond == "text"
         self.captions = Captions(NAMES[data_name], cfg.text_ctx) if self.text else None
-        self.table = self.captions.table.to(device) if self.text else None
         self.null = torch.zeros(cfg.text_ctx, dtype=torch.long, device=device) if self.text else torch.tensor(n_classes, device=device)
-        self.vocab = len(self.captions.vocab) if self.text else 0
-
+        self.table, self.vocab = (self.captions.table.to(device), len(self.captions.vocab)) if self.text else (None, 0)
     def of(self, labels, templates=None):
         return self.table[labels, torch.zeros_like(labels) if templates is None else templates] if self.text else labels
-
 
 # ----------------------------------------------------------------------------- schedule
 class Schedule(nn.Module):
     """The constants of the S sampling indices i = 1..S (index 0: x_0, alpha_bar = 1) at the network timesteps `steps`,
     computed in fp64 from alpha_bar and stored in fp32 (no 1 - alpha_bar from a stored alpha_bar near 1). S = T: every
     step, index = timestep; S < T: respaced (Nichol & Dhariwal sec. 4), beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
-
     def __init__(self, alpha_bar, steps):
         super().__init__()
         ab = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar.double()])  # (S + 1,)
@@ -210,16 +194,11 @@ class Schedule(nn.Module):
         betas, div = 1 - ab / prev, (1 - ab).clamp_min(1e-20)
         beta_tilde = (1 - prev) / div * betas  # beta_tilde_i = (1 - alpha_bar_{i-1}) / (1 - alpha_bar_i) beta_i
         reg = lambda name, v: self.register_buffer(name, v.float(), persistent=False)
-        reg("sqrt_alpha_bar", ab.sqrt())
-        reg("sqrt_one_minus_alpha_bar", (1 - ab).sqrt())
-        reg("sqrt_recip_alpha_bar", ab.rsqrt())
-        reg("sqrt_recipm1_alpha_bar", ((1 - ab) / ab).sqrt())  # sqrt(1 - alpha_bar) / sqrt(alpha_bar)
-        reg("sqrt_alpha_bar_prev", prev.sqrt())
-        reg("one_minus_alpha_bar_prev", 1 - prev)
-        reg("beta_tilde", beta_tilde)
+        reg("sqrt_alpha_bar", ab.sqrt()), reg("sqrt_one_minus_alpha_bar", (1 - ab).sqrt())
+        reg("sqrt_recip_alpha_bar", ab.rsqrt()), reg("sqrt_recipm1_alpha_bar", ((1 - ab) / ab).sqrt())  # sqrt(1 - alpha_bar) / sqrt(alpha_bar)
+        reg("sqrt_alpha_bar_prev", prev.sqrt()), reg("one_minus_alpha_bar_prev", 1 - prev), reg("beta_tilde", beta_tilde)
         reg("var_beta", torch.cat([betas[:1], beta_tilde[2:3] if len(ab) > 2 else betas[1:2], betas[2:]]))  # beta, beta_tilde_2 at i = 1
-        reg("coef_x0", prev.sqrt() * betas / div)  # mu_tilde = coef_x0 x_0 + coef_xt x_t
-        reg("coef_xt", (1 - betas).sqrt() * (1 - prev) / div)
+        reg("coef_x0", prev.sqrt() * betas / div), reg("coef_xt", (1 - betas).sqrt() * (1 - prev) / div)  # mu_tilde = coef_x0 x_0 + coef_xt x_t
         self.register_buffer("steps", torch.cat([torch.zeros(1, dtype=torch.long), steps.long()]), persistent=False)
         self.S = len(steps)
 
@@ -236,7 +215,6 @@ def make_schedule(cfg, S=None):
 
 def at(v, i):  # a schedule vector at indices i (B,), shaped to broadcast over (B, C, H, W)
     return v[i][:, None, None, None]
-
 
 # ----------------------------------------------------------------------------- networks
 def norm(c):
@@ -256,7 +234,6 @@ def timestep_embedding(t, dim):
 
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv; + the projected (time + condition) embedding; GroupNorm, SiLU, dropout, conv; + skip."""
-
     def __init__(self, c_in, c_out, t_dim, dropout):
         super().__init__()
         self.block1 = nn.Sequential(norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
@@ -264,7 +241,6 @@ class ResBlock(nn.Module):
         self.block2 = nn.Sequential(norm(c_out), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1))
         nn.init.zeros_(self.block2[-1].weight)  # the block starts as its skip path
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
     def forward(self, x, emb):
         h = self.block1(x) + self.temb(emb)[:, :, None, None]
         return self.skip(x) + self.block2(h)
@@ -272,14 +248,12 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, residual. With ctx_dim (slide "GLIDE"): the caption's token
     embeddings are projected to this layer's keys and values and concatenated to the attention context."""
-
     def __init__(self, c, head_channels, ctx_dim=0):
         super().__init__()
         self.heads = max(1, c // head_channels) if c % head_channels == 0 else 1
         self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
         self.ctx_kv = nn.Linear(ctx_dim, 2 * c) if ctx_dim else None
         nn.init.zeros_(self.proj.weight)
-
     def forward(self, x, ctx=None):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # (B, HW, C) each
@@ -293,7 +267,6 @@ class Attention(nn.Module):
 class Encoder(nn.Module):
     """The U-Net's down path and middle: conv, res blocks (+ attention at attn_res) per level, stride-2 convs between
     levels, then res block, attention, res block. Returns the middle's output and every skip (the classifier's trunk too)."""
-
     def __init__(self, C, H, ch, mult, nb, attn, t_dim, dropout, head_ch, ctx_dim=0):
         super().__init__()
         self.conv_in = nn.Conv2d(C, ch, 3, padding=1)
@@ -301,15 +274,13 @@ class Encoder(nn.Module):
         for i, m in enumerate(mult):
             for _ in range(nb):
                 self.down.append(nn.ModuleList([ResBlock(c, ch * m, t_dim, dropout)] + ([Attention(ch * m, head_ch, ctx_dim)] if res in attn else [])))
-                c = ch * m
-                self.skips.append(c)
+                self.skips.append(c := ch * m)
             if i < len(mult) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # (B, c, ceil(res/2), ...)
                 res = (res + 1) // 2
                 self.skips.append(c)
         self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout), Attention(c, head_ch, ctx_dim), ResBlock(c, c, t_dim, dropout)])
         self.c, self.res = c, res
-
     def forward(self, x, emb, ctx=None):
         hs = [self.conv_in(x)]
         for layer in self.down:
@@ -324,7 +295,6 @@ class TextEncoder(nn.Module):
     """slide "GLIDE": tokens -> a transformer; the final token's embedding (projected) replaces the class embedding, the
     last layer's token embeddings are the attention context. Blocks as GLIDE's (CLIP's): pre-LN, full self-attention,
     a 4x MLP with GELU, a final LayerNorm. tokens (B, K) -> (B, t_dim), (B, K, width)."""
-
     def __init__(self, vocab, ctx, width, layers, heads, t_dim):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
@@ -332,7 +302,6 @@ class TextEncoder(nn.Module):
         block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False) if layers else nn.Identity()
         self.ln, self.proj = nn.LayerNorm(width), nn.Linear(width, t_dim)
-
     def forward(self, tokens):
         h = torch.where((tokens > 0)[..., None], self.tok(tokens) + self.pos, self.pad)  # (B, K, width); padding: its own embedding
         h = self.ln(self.blocks(h))
@@ -341,7 +310,6 @@ class TextEncoder(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t, c): the DDPM U-Net (Ho et al. appendix B) with the condition's embedding added to the time
     embedding: a label embedding with one more row (index n_classes) for the null label, or the caption encoder's."""
-
     def __init__(self, cfg, shape, n_classes, vocab=0):
         super().__init__()
         C, H, _ = shape
@@ -365,15 +333,10 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, C, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
-
     def forward(self, x, t, c):
         """x_t (B, C, H, W), integer t (B,), c: labels (B,) or caption tokens (B, K) -> eps_theta (B, C, H, W)."""
-        emb, ctx = self.temb(timestep_embedding(t, self.ch)), None
-        if self.text:
-            proj, ctx = self.caption(c)
-            emb = emb + proj
-        else:
-            emb = emb + self.label_emb(c)
+        proj, ctx = self.caption(c) if self.text else (self.label_emb(c), None)  # (the caption's projection and its tokens)
+        emb = self.temb(timestep_embedding(t, self.ch)) + proj
         h, hs = self.enc(x, emb, ctx)
         for layer in self.up:
             if isinstance(layer, nn.Conv2d):
@@ -387,7 +350,6 @@ class UNet(nn.Module):
 class Classifier(nn.Module):
     """p_phi(y | x_t, t) (ADM sec. 4): the U-Net's down path and middle with its own time embedding, then GroupNorm,
     SiLU, global average pooling and a zero-initialised linear layer to the logits."""
-
     def __init__(self, cfg, shape, n_classes):
         super().__init__()
         C, H, _ = shape
@@ -396,10 +358,8 @@ class Classifier(nn.Module):
         self.enc = Encoder(C, H, self.ch, ints(cfg.ch_mult), cfg.cls_res_blocks, set(ints(cfg.attn_res)), t_dim, 0.0, cfg.head_channels)
         self.head = nn.Sequential(norm(self.enc.c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.enc.c, n_classes))
         nn.init.zeros_(self.head[-1].weight)
-
     def forward(self, x, t):
         return self.head(self.enc(x, self.temb(timestep_embedding(t, self.ch)))[0])  # (B, n_classes) logits
-
 
 # ----------------------------------------------------------------------------- objective
 # slide "DDPM": x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
@@ -437,7 +397,6 @@ def classifier_loss(net, sched, x, y):
     correct = (logits.argmax(1) == y).float()
     loss = per.mean()
     return loss, {"loss": loss, "acc": correct.mean(), **by_quartile(correct, t, sched.S, "acc")}
-
 
 # ----------------------------------------------------------------------------- sampling
 # slide "Classifier guided diffusion sampling": g = grad_{x_t} log p_phi(y | x_t) (autograd through the classifier)
@@ -504,7 +463,6 @@ def guided_sample(model, classifier, sched, shape, labels, kind, scale, cfg, con
         with run.autocast():
             out.append(sample(model, sched, shape, cb, null, w, classifier, yb, s, cfg.sampler, cfg.eta, cfg.sigma, cfg.clip_x0))
     return torch.cat(out)
-
 
 # ----------------------------------------------------------------------------- evaluate
 def precision_recall(real, fake, k=3):
@@ -594,7 +552,6 @@ def sweep(model, classifier, data, cfg, run, step, log):
         run.print("\n".join(lines))
     return table
 
-
 # ----------------------------------------------------------------------------- train
 def classifier_path(cfg):
     return cfg.classifier_ckpt or os.path.join(os.path.dirname(cfg.ckpt) or ".", "classifier.pt")
@@ -652,17 +609,14 @@ def train_diffusion(cfg, data, run, conds):
     run.print(f"guided diffusion U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | T {cfg.T} {cfg.schedule} | "
               f"condition {cfg.cond}" + (f" ({conds.vocab - 1} words, {cfg.text_layers}-layer transformer)" if conds.text else "")
               + f" | p_uncond {cfg.p_uncond}")
-
     def loss_of(net, batch):  # captions: a random template for each image
         x, y = batch
         return loss_fn(net, sched, x, conds.of(y, torch.randint(0, len(TEMPLATES), y.shape, device=y.device)), conds.null, cfg.p_uncond)
-
     def every_step(step, log):
         if run.main and common.every(step, cfg.eval_every) and step < cfg.steps:
             log.write(evaluate(ema.model, None, data, cfg, run, step))
         if run.main and common.every(step, cfg.sample_every) and step < cfg.steps:
             save_images(ema.model, cfg, data, conds, run, f"samples_{step}")
-
     step, log = fit(cfg, run, METHOD, model, opt, common.Batches(data, cfg, run, hflip=cfg.hflip, labels=True), loss_of,
                     lambda step: cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)), ema, every_step,  # linear warm-up
                     shape=list(data.shape), n_classes=conds.n_classes)
@@ -708,7 +662,6 @@ def train(cfg):
     if cfg.stage == "all" and run.main:
         report(model, classifier, data, cfg, run, cfg.steps)
     return model, classifier
-
 
 # ----------------------------------------------------------------------------- main
 def main():
