@@ -5,11 +5,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torchvision
+import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torchvision
 
 IMAGE_SETS = ("fashion-mnist", "mnist", "cifar10")
 TOY_SETS = ("moons", "circles", "8gaussians", "checkerboard", "pinwheel", "swissroll", "2spirals")
@@ -325,17 +321,14 @@ class Batches:
         x = x.float() / 255
         if self.hflip:  # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
-        if self.cfg.binarize:
-            x = torch.bernoulli(x)
+        x = torch.bernoulli(x) if self.cfg.binarize else x
         return (x, y) if self.labels else x
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "gen": self.gen.get_state()}
     def load_state_dict(self, s):
         self.epoch, self.pos = s["epoch"], s["pos"]
-        if self.run.world == 1:  # (under DDP each rank keeps its own seeded generator)
-            self.gen.set_state(s["gen"])
-        if self.data.kind == "image":
-            self._epoch()
+        self.gen.set_state(s["gen"]) if self.run.world == 1 else None  # (under DDP each rank keeps its own seeded generator)
+        self._epoch() if self.data.kind == "image" else None
 
 def progress(items, label, every=10.0):
     """Yields the items (a list), printing label at once, then `label: 3/10 batches, 12s, about 28s left` every 10 s."""
@@ -469,15 +462,13 @@ class Update:
     def __call__(self, loss):
         if loss.requires_grad or torch.isfinite(loss).item():  # (a non-finite loss without a graph, e.g. a failed solve: skipped)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
+        self.scaler.unscale_(self.opt) if self.scaler else None
         norm = nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
         l = loss.detach().float()
         buf_norms = torch.stack(torch._foreach_norm(self.finite)) if self.finite else norm
         bad = (~torch.isfinite(l) | ~torch.isfinite(norm) | ~torch.isfinite(buf_norms).all()).float()
         if self.scaler:  # skips non-finite steps itself
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            self.scaler.step(self.opt), self.scaler.update()
         elif getattr(self.opt, "_step_supports_amp_scaling", False):  # fused kernels skip when found_inf = 1
             self.opt.found_inf, self.opt.grad_scale = bad, None
             self.opt.step()
@@ -535,8 +526,7 @@ class Logger:
         if tuple(terms) != self.keys:
             self.keys, self.sum, self.count = tuple(terms), torch.zeros_like(v), torch.zeros_like(v)
         ok = torch.isfinite(v)  # a skipped non-finite step does not spoil the average
-        self.sum += torch.where(ok, v, 0.0)
-        self.count += ok
+        self.sum, self.count = self.sum + torch.where(ok, v, 0.0), self.count + ok
         if every(step, self.cfg.log_every) or step == self.cfg.steps:
             self.flush(step)
     def flush(self, step):
@@ -546,8 +536,7 @@ class Logger:
             dist.all_reduce(extra, op=dist.ReduceOp.MAX)
         mean = torch.where(self.count > 0, self.sum / self.count.clamp_min(1), math.nan)  # all skipped: nan, never 0
         vals = torch.cat([mean, extra]).tolist()  # the one sync per log line
-        now = time.time()
-        its, self.t, self.last = (step - self.last) / max(now - self.t, 1e-9), now, step
+        its, self.t, self.last = (step - self.last) / max((now := time.time()) - self.t, 1e-9), now, step
         self.sum, self.count = self.sum * 0, self.count * 0
         rec = {"step": step, "split": "train", **dict(zip(self.keys, vals)), "it_s": its}
         line = f"step {step}/{self.cfg.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in zip(self.keys, vals))
@@ -559,8 +548,7 @@ class Logger:
         eta = (self.cfg.steps - step) / max(its, 1e-9)
         self.run.print(f"{line} | {its:.1f} it/s | eta " + (f"{eta / 3600:.1f}h" if eta > 5400 else f"{eta / 60:.0f}m"))
         self.write(rec, echo=False)
-        if u:
-            u.check(streak, high)
+        u.check(streak, high) if u else None
     def write(self, record, echo=True):  # one record -> metrics.jsonl (nan/inf as null), printed (rank 0)
         if self.run.main:
             if echo:

@@ -320,7 +320,7 @@ class Codebook(nn.Module):
             self.init_and_restart(flat, first=True)
         with torch.autocast(flat.device.type, enabled=False):
             idx = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.T + self.embed.pow(2).sum(1)).argmin(1)  # nearest code
-        n = torch.bincount(idx, minlength=self.K).to(flat.dtype)
+        n = flat.new_zeros(self.K).index_add_(0, idx, flat.new_ones(len(idx)))  # counts n_i (bincount would sync on CUDA)
         z_q = F.embedding(idx, self.embed).view(*z_e.shape[:1], *z_e.shape[2:], -1).movedim(-1, 1)
         if self.training:
             self.ema(flat, idx, n)
